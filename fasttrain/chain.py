@@ -1,0 +1,124 @@
+"""Recipes: a single training run, or a chain of stages (SSP -> supervised -> cRT, base -> pseudo-label ->
+joint), each stage in its own sub-directory of `--out`. Running the same command again skips finished
+stages (DONE) and resumes the unfinished one from its last checkpoint, so chains survive requeues.
+
+    python recipes/ssp_cifar_lt.py --data DATA --out RUN [--epochs 50] [--set ce.lr=0.05] [--stages ssp,ce]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import Config, add_config_args, resolve
+
+
+@dataclass
+class Stage:
+    """One step of a recipe. `kind` is "train" (an Engine run) or "pseudo_label" (label the unlabeled pool
+    with the model of the run `source`). Strings may name the chain's directory as `{root}`, e.g.
+    `"pretrained": "{root}/ssp/backbone.pt"`."""
+    name: str
+    preset: dict = field(default_factory=dict)
+    kind: str = "train"
+    source: str = ""
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(p)
+    return p
+
+
+def run_single(preset: dict, description: str, argv=None) -> str:
+    """A one-stage recipe: defaults < preset < --config < flags; `--resume RUN` continues a run."""
+    args = parser(description).parse_args(argv)
+    cfg = resolve(args, preset)
+    from .engine import Engine
+    engine = Engine(cfg)
+    status = engine.fit()
+    _end(engine.accelerator)
+    return status
+
+
+def run_chain(stages: list[Stage], description: str, argv=None) -> str:
+    p = parser(description)
+    p.add_argument("--stages", default=None, help="comma-separated subset of stages to run: "
+                   + ",".join(s.name for s in stages))
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override one config value of one stage (repeatable)")
+    args = p.parse_args(argv)
+    root = Path(args.resume or args.out or "")
+    if not str(root):
+        p.error("give the chain's run directory with --out RUN_DIR (or --resume RUN_DIR)")
+    args.resume = None  # a chain resumes each stage by itself
+    per_stage = _parse_sets(args.set, {s.name for s in stages})
+    chosen = set(args.stages.split(",")) if args.stages else {s.name for s in stages}
+    unknown = chosen - {s.name for s in stages}
+    if unknown:
+        p.error(f"unknown stage(s) {sorted(unknown)}; this recipe has {[s.name for s in stages]}")
+
+    status, accelerator = "done", None
+    for stage in stages:
+        if stage.name not in chosen:
+            continue
+        stage_dir = root / stage.name
+        preset = {k: (v.format(root=root) if isinstance(v, str) else v) for k, v in stage.preset.items()}
+        args.out = str(stage_dir)
+        cfg = resolve(args, preset).update(per_stage.get(stage.name, {}), source=f"--set {stage.name}.*")
+        if stage.kind == "pseudo_label":
+            accelerator = _accelerator(cfg)
+            if not (stage_dir / "pseudo_labels.npz").exists():
+                from .methods.self_training import pseudo_label
+                pseudo_label(Path(stage.source.format(root=root)), Path(cfg.data), stage_dir, loader=cfg.loader,
+                             batch_size=cfg.batch_size, threshold=cfg.pseudo_threshold, accelerator=accelerator,
+                             workers=cfg.workers)
+            continue
+        if (stage_dir / "DONE").exists():
+            _print(f"stage {stage.name}: already done ({stage_dir})")
+            continue
+        if (stage_dir / "checkpoints").exists():
+            cfg = cfg.update({"resume": str(stage_dir)})
+        _print(f"stage {stage.name} -> {stage_dir}")
+        from .engine import Engine
+        engine = Engine(cfg)
+        accelerator = engine.accelerator
+        status = engine.fit()
+        del engine
+        if status == "stopped":
+            _print(f"chain paused in stage {stage.name}; run the same command again to continue")
+            break
+    if accelerator is not None:
+        _end(accelerator)
+    return status
+
+
+def _parse_sets(items: list[str], stage_names: set[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        stage, _, name = key.partition(".")
+        if not value or not name or stage not in stage_names:
+            raise SystemExit(f"--set {item!r}: expected STAGE.KEY=VALUE with STAGE in {sorted(stage_names)}")
+        out.setdefault(stage, {})[name.replace("-", "_")] = yaml.safe_load(value)
+    for stage, values in out.items():
+        Config().update(values, source=f"--set {stage}.*")
+    return out
+
+
+def _accelerator(cfg: Config):
+    from accelerate import Accelerator
+    return Accelerator(mixed_precision=cfg.precision)
+
+
+def _end(accelerator) -> None:
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _print(message: str) -> None:
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        print(f"[fasttrain] {message}", flush=True)

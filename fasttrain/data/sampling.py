@@ -1,0 +1,53 @@
+"""Epoch orders and rank sharding, shared by every loader. Pure numpy and deterministic.
+
+An order is an int64 array of *indices into the `labels` array passed in* (0..len(labels)-1); the
+loader maps them to file positions when it uses a subset (`positions`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SAMPLERS = ("uniform", "balanced", "sqrt")
+
+
+def epoch_order(labels: np.ndarray, sampler: str, seed: int, epoch: int) -> np.ndarray:
+    """The global order of one epoch: identical on every rank for the same (seed, epoch).
+
+    uniform:  a permutation of all samples.
+    balanced: len(labels) draws; a class uniformly among the classes present, then a sample uniformly
+              within it (with replacement).
+    sqrt:     the same with class probability proportional to sqrt(class count).
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    rng = np.random.default_rng([seed, epoch])
+    if sampler == "uniform":
+        return rng.permutation(n).astype(np.int64)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; pick one of {SAMPLERS}")
+    if n and labels.min() < 0:
+        raise ValueError(f"sampler {sampler!r} needs a label for every sample, got labels < 0 "
+                         f"(the unlabeled pool?); pass sampling_labels, e.g. pseudo-labels")
+    members = np.argsort(labels, kind="stable")                  # sample indices grouped by class
+    classes, starts, counts = np.unique(labels[members], return_index=True, return_counts=True)
+    weights = np.ones(len(classes)) if sampler == "balanced" else np.sqrt(counts)
+    drawn = rng.choice(len(classes), size=n, p=weights / weights.sum())
+    within = (rng.random(n) * counts[drawn]).astype(np.int64)
+    return members[starts[drawn] + within].astype(np.int64)
+
+
+def shard_train(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's part of a training order: truncate to a multiple of world, then every world-th."""
+    _check_rank(rank, world)
+    return order[: len(order) // world * world][rank::world]
+
+
+def shard_eval(n: int, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous block of 0..n-1; the blocks of all ranks cover every sample exactly once."""
+    _check_rank(rank, world)
+    return np.array_split(np.arange(n, dtype=np.int64), world)[rank]
+
+
+def _check_rank(rank: int, world: int) -> None:
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world})")

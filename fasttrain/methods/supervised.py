@@ -1,0 +1,47 @@
+"""Supervised long-tail training (CE / Focal / LDAM / Balanced Softmax / LA, with CB or DRW re-weighting),
+and cRT: classifier re-training on a frozen backbone."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..losses import build_loss
+from .base import Method
+
+
+class Supervised(Method):
+    name = "supervised"
+
+    def setup(self, engine) -> None:
+        cfg = self.cfg
+        counts = self.dataset.split(cfg.train_split).class_counts
+        self.criterion = build_loss(cfg.loss, counts, reweight=cfg.reweight, drw_epoch=cfg.drw_epoch,
+                                    cb_beta=cfg.cb_beta, focal_gamma=cfg.focal_gamma,
+                                    ldam_max_margin=cfg.ldam_max_margin, ldam_scale=cfg.ldam_scale,
+                                    la_tau=cfg.la_tau).to(engine.device)
+
+    def loss(self, model, batch, epoch):
+        loss = self.criterion(model(batch.images), batch.labels, epoch)
+        return loss, {"loss": loss.detach()}
+
+
+class ClassifierRetraining(Supervised):
+    """cRT (Kang et al. 2020): backbone from `--pretrained`, frozen (BN statistics too); a fresh classifier
+    is trained, usually with the class-balanced sampler."""
+    name = "crt"
+
+    def build_model(self) -> nn.Module:
+        if not self.cfg.pretrained:
+            raise ValueError("method 'crt' re-trains the classifier of a trained backbone: give --pretrained "
+                             "RUN/backbone.pt (the output of a supervised or SSP run)")
+        model = super().build_model()
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("fc.")
+        return model
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.eval()
+        _unwrap(model).fc.train()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
