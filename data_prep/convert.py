@@ -8,6 +8,7 @@ API: `write_dataset(out, splits, ...)` writes prepared splits; `convert(args)` b
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _clean_stale(out: Path) -> None:
     """Remove temp dirs of conversions to `out` that were killed (their process is gone)."""
-    for p in out.parent.glob(f".{out.name}.*-*"):
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
         if kind in ("tmp", "old") and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)
@@ -241,3 +242,142 @@ def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_si
             (tmp / f".{name}.jpegs").unlink()
         entries[name] = entry
     return {"image": image_info, "splits": entries, "skipped": skipped}
+
+
+# ---------------------------------------------------------------- source -> splits
+
+
+def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | None, rho_u: float,
+                 unlabeled_factor: float, seed: int) -> tuple[dict, dict]:
+    """The long-tailed train split, the unlabeled pool and the eval splits of `src`; plus manifest info."""
+    from data_prep.longtail import class_counts, select, unlabeled_counts
+
+    c, train = src.num_classes, src.train
+    for name, part in (("train", train), ("test", src.test), ("val", src.val)):
+        if part is not None:
+            _check_labels(f"{src.name} {name}", part.labels, c, labeled=True)
+    have = np.bincount(train.labels, minlength=c)
+    if (empty := np.flatnonzero(have == 0)).size:
+        raise ConvertError(f"{src.name}: class {int(empty[0])} ({src.class_names[empty[0]]}) has no training "
+                           f"images in {src.root}; add images, fix the split file or set --num-classes")
+    if src.longtail_given:
+        if profile not in (None, "none") or max_per_class is not None:
+            flag = f"--profile {profile}" if profile not in (None, "none") else "--max-per-class"
+            raise ConvertError(f"{flag}: the {src.name} train set is already long-tailed (given by --split-file); "
+                               f"drop {flag.split()[0]}")
+        profile, n_max, rows = "split-file", int(have.max()), np.arange(len(train))
+    else:
+        profile = profile or "exp"
+        available = int(have.min())
+        if max_per_class is not None and max_per_class > available and profile == "none":
+            raise ConvertError(f"--max-per-class {max_per_class} but the smallest class has {available} images")
+        n_max = max_per_class or available
+        counts = class_counts(c, n_max, profile, rho)
+        if 0 in counts:
+            raise ConvertError(f"--profile {profile} with n_max {n_max} and --rho {_number(rho)} leaves class "
+                               f"{counts.index(0)} with 0 images; raise --max-per-class or lower --rho")
+        rows = select(train.labels, counts, seed)
+    splits = {"train": dict(zip(("images", "labels"), train.take(rows)), source_index=rows)}
+    info = {"longtail": {"profile": profile, "rho": None if profile == "split-file" else _number(rho),
+                         "max_per_class": n_max, "rho_u": _number(rho_u),
+                         "unlabeled_factor": _number(unlabeled_factor), "seed": seed}}
+    if unlabeled_factor > 0:
+        requested = unlabeled_counts(c, int(round(unlabeled_factor * len(rows))), rho_u)
+        if src.pool is not None:
+            pool, offset, candidates, pool_name = src.pool, len(train), None, src.pool_name
+        elif not src.longtail_given:
+            pool, offset, pool_name = train, 0, "train_not_selected"
+            candidates = np.setdiff1d(np.arange(len(train)), rows)
+        else:
+            pool = None
+            print(f"note: {src.name} has no unlabeled pool; writing no 'unlabeled' split", file=sys.stderr)
+        if pool is not None:
+            picked = select(pool.labels, requested, [seed, 1], candidates=candidates, allow_shortfall=True)
+            if len(picked):
+                images, labels = pool.take(picked)
+                splits["unlabeled"] = {"images": images, "labels": labels, "source_index": picked + offset,
+                                       "requested_class_counts": requested}
+            info["unlabeled_pool"] = {"name": pool_name, "size": len(pool) if candidates is None else len(candidates),
+                                      "source_index_offset": offset}
+    for name in ("test", "val"):
+        part = getattr(src, name)
+        if part is not None:
+            splits[name] = {"images": part.images, "labels": part.labels}
+    return splits, info
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from data_prep.longtail import PROFILES
+    from data_prep.sources import SOURCES
+    p = argparse.ArgumentParser(prog="python -m data_prep.convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", required=True, help=f"one of {', '.join(SOURCES)}")
+    p.add_argument("--root", required=True, type=Path, help="source directory in its original on-disk format")
+    p.add_argument("--out", required=True, type=Path, help="output dataset directory")
+    p.add_argument("--profile", choices=PROFILES, default=None,
+                   help="long-tail profile for balanced sources (default exp; not for split-file sources)")
+    p.add_argument("--rho", type=float, default=100, help="imbalance ratio n_max / n_min")
+    p.add_argument("--max-per-class", type=int, default=None,
+                   help="n_max (default: the smallest class count of the source train split)")
+    p.add_argument("--rho-u", type=float, default=None, help="imbalance ratio of the unlabeled pool (default: --rho)")
+    p.add_argument("--unlabeled-factor", type=float, default=5, help="pool size / labeled train size (0: no pool)")
+    p.add_argument("--unlabeled-file", type=Path, default=None, help="cifar10: TinyImages pool pickle")
+    p.add_argument("--split-file", type=Path, default=None, help="imagenet_lt/inat2018/folder: train list")
+    p.add_argument("--val-split-file", type=Path, default=None)
+    p.add_argument("--test-split-file", type=Path, default=None)
+    p.add_argument("--num-classes", type=int, default=None, help="split-file sources (default: max label + 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--formats", default="ffcv,dali", help="comma-separated subset of ffcv,dali")
+    p.add_argument("--shard-size", type=int, default=1000, help="DALI samples per tar shard")
+    p.add_argument("--max-side", type=int, default=256, help="jpeg sets: cap on the longer image side")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the manifest)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    args = p.parse_args(argv)
+    if args.rho_u is None:
+        args.rho_u = args.rho
+    return args
+
+
+def convert(args, command: str | None = None) -> Path:
+    """Source -> dataset directory. `args`: a parsed Namespace or a list of CLI arguments."""
+    from data_prep.sources import read_source
+    if not isinstance(args, argparse.Namespace):
+        command = command or " ".join(["python -m data_prep.convert", *map(shlex.quote, map(str, args))])
+        args = parse_args([str(a) for a in args])
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.unlabeled_file is not None and args.source != "cifar10":
+        raise ConvertError(f"--unlabeled-file is for --source cifar10 (TinyImages); {args.source} takes its "
+                           f"pool from its own data")
+    check_out(args.out.absolute(), args.overwrite)
+    src = read_source(args.source, args.root, unlabeled_file=args.unlabeled_file,
+                      with_pool=args.unlabeled_factor > 0, split_file=args.split_file,
+                      val_split_file=args.val_split_file, test_split_file=args.test_split_file,
+                      num_classes=args.num_classes)
+    splits, info = build_splits(src, profile=args.profile, rho=args.rho, max_per_class=args.max_per_class,
+                                rho_u=args.rho_u, unlabeled_factor=args.unlabeled_factor, seed=args.seed)
+    extra = {"source": src.name, "source_root": str(Path(args.root).absolute()), "source_files": src.files,
+             **info, "command": command or " ".join(map(shlex.quote, [sys.executable] + sys.argv))}
+    return write_dataset(args.out, splits, num_classes=src.num_classes, encoding=src.encoding, formats=formats,
+                         shard_size=args.shard_size, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+                         class_names=src.class_names, extra_manifest=extra, workers=args.workers,
+                         overwrite=args.overwrite, skip_bad=args.skip_bad)
+
+
+def main(argv=None) -> int:
+    try:
+        out = convert(sys.argv[1:] if argv is None else argv)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -46,10 +46,13 @@ def select(labels: np.ndarray, counts: list[int], seed, candidates: np.ndarray |
     """
     labels = np.asarray(labels)
     pool = np.arange(len(labels)) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    pool_labels = labels[pool]
+    order = np.argsort(pool_labels, kind="stable")  # pool grouped by class, original order within a class
+    bounds = np.searchsorted(pool_labels[order], np.arange(len(counts) + 1))
     rng = np.random.default_rng(seed)
     chosen = []
     for c, want in enumerate(counts):
-        have = pool[labels[pool] == c]
+        have = pool[order[bounds[c]:bounds[c + 1]]]
         if len(have) < want and not allow_shortfall:
             raise ConvertError(f"class {c} has {len(have)} images but the long-tail profile asks for {want}; "
                                f"lower --max-per-class or --rho")

@@ -175,11 +175,23 @@ class Engine:
                 bar.set_postfix(loss=f"{(sums['loss'] / (i + 1)).item():.4f}", lr=f"{lr:.4g}")
             bar.update(1)
         bar.close()
+        self.sync_buffers()
         seconds = time.perf_counter() - t0
         means = {k: (acc.reduce(v / n, "mean") if acc.num_processes > 1 else v / n).item() for k, v in sums.items()}
         means.update(lr=lr, seconds=seconds, train_images_per_s=images * acc.num_processes / seconds)
         self.log(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items()))
         return means
+
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BN running statistics) over ranks. DDP only broadcasts rank 0's
+        buffers at the start of a forward, so after an epoch every rank holds its own statistics; without
+        this, each rank would evaluate its part of the test set with a slightly different model."""
+        if self.accelerator.num_processes == 1:
+            return
+        for buffer in self.accelerator.unwrap_model(self.model).buffers():
+            if buffer.is_floating_point():
+                torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+                buffer /= self.accelerator.num_processes
 
     def evaluate(self, epoch: int) -> dict:
         counts = self.dataset.split(self.cfg.train_split).class_counts

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..data import augment
 from ..dataset import DatasetDir
-from ..models import backbone_state_dict, build_model
+from ..models import build_model
+from ..models.checkpoint import save_backbone
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -63,5 +64,4 @@ class Method:
 
     def export(self, model: nn.Module, run_dir: Path) -> None:
         """Called on the main process at the end: the backbone, for later stages (`--pretrained`)."""
-        torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "method": self.name,
-                    "state_dict": backbone_state_dict(model)}, run_dir / "backbone.pt")
+        save_backbone(model, run_dir / "backbone.pt")

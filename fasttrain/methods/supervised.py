@@ -13,6 +13,9 @@ class Supervised(Method):
 
     def setup(self, engine) -> None:
         cfg = self.cfg
+        if cfg.head == "cosine" and cfg.loss != "ldam":
+            raise ValueError(f"--head cosine gives cosines in [-1, 1] that only LDAM scales (x{cfg.ldam_scale}); "
+                             f"use --head linear with --loss {cfg.loss}, or --loss ldam")
         counts = self.dataset.split(cfg.train_split).class_counts
         self.criterion = build_loss(cfg.loss, counts, reweight=cfg.reweight, drw_epoch=cfg.drw_epoch,
                                     cb_beta=cfg.cb_beta, focal_gamma=cfg.focal_gamma,

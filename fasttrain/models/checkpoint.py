@@ -47,14 +47,21 @@ def _backbone_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v for k, v in state.items() if not k.startswith('fc.')}
 
 
+def _bare(model: nn.Module) -> nn.Module:
+    """The model inside DDP (`.module`) / torch.compile (`._orig_mod`) wrappers."""
+    inner = [m for m in (getattr(model, 'module', None), getattr(model, '_orig_mod', None))
+             if isinstance(m, nn.Module)]
+    return _bare(inner[0]) if inner else model
+
+
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict without the classifier `fc.*` (and without wrapper prefixes)."""
     return _backbone_keys(model.state_dict())
 
 
 def save_backbone(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a fasttrain backbone file for a model from `build_model` (atomically: temp + rename)."""
-    path = Path(path)
+    """Write a fasttrain backbone file for a `build_model` model, wrapped or not (temp + rename)."""
+    path, model = Path(path), _bare(model)
     state = {k: v.detach().cpu() for k, v in backbone_state_dict(model).items()}
     tmp = path.with_name(path.name + '.tmp')
     torch.save({'arch': model.arch, 'state_dict': state}, tmp)
@@ -73,13 +80,13 @@ def _read(path: Path) -> object:
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
-    """Copy the backbone weights of `path` into `model` (a bare `build_model` model, before
-    accelerate's prepare / torch.compile). `model.fc` is never touched.
+    """Copy the backbone weights of `path` into `model` (a `build_model` model; DDP / torch.compile
+    wrappers are looked through). `model.fc` is never touched.
 
     Raises PretrainedMismatch when the recorded arch differs from `model.arch`, when any shared
     tensor has another shape, or when no backbone key matches at all.
     """
-    path = Path(path)
+    path, model = Path(path), _bare(model)
     expected = getattr(model, 'arch', type(model).__name__)
     obj = _read(path)
     recorded = None
@@ -103,4 +110,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
                                  f'file keys e.g. {sorted(theirs)[:5]}, model keys e.g. {sorted(own)[:5]}')
     result = model.load_state_dict({k: theirs[k] for k in common}, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith('fc.')]
+    lacking = [k for k in missing if not k.endswith('num_batches_tracked')]
+    if lacking:
+        raise PretrainedMismatch(f'{path}: has no weights for {len(lacking)} tensors of a {expected} backbone '
+                                 f'(a different architecture?), e.g. {lacking[:5]}')
     return LoadReport(missing=missing, unexpected=sorted(theirs.keys() - own.keys()), loaded=len(common))

@@ -17,7 +17,8 @@ class NormedLinear(nn.Module):
     """Cosine classifier (LDAM-DRW): cos(feature, w_c) per class, without bias.
 
     The weight is stored as (out_features, in_features) like `nn.Linear` (LDAM-DRW stores it
-    transposed); `reset_parameters()` re-draws it, as `nn.Linear.reset_parameters()` does.
+    transposed); `reset_parameters()` re-draws it, as `nn.Linear.reset_parameters()` does. Outputs
+    are float32, autocast or not.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -31,7 +32,9 @@ class NormedLinear(nn.Module):
             self.weight.uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+        # float32 even under autocast: the loss multiplies these cosines by its scale (30)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}'

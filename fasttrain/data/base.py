@@ -1,0 +1,122 @@
+"""What every loader shares: the epoch's positions for this rank, batch count, seeding, stage 2."""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from fasttrain.data import augment
+from fasttrain.data.augment import ViewSpec
+from fasttrain.data.batch import Batch
+from fasttrain.data.sampling import SAMPLERS, epoch_order, shard_eval, shard_train
+from fasttrain.dataset import DatasetDir
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed that is a pure function of `values` (e.g. seed, epoch, rank)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class LoaderBase(ABC):
+    """Order, sharding, length, seeding and the final Batch; subclasses only read and decode.
+
+    A subclass implements `_decoded(positions)`: an iterator over the epoch's batches, each a list of
+    uint8 N x H x W x C tensors, one per view (raw sets: the same tensor for every view), in the order of
+    `positions` cut into `batch_size` chunks (the last one short for evaluation).
+    """
+    kind = ""
+
+    def __init__(self, dataset: DatasetDir, split: str, *, batch_size: int, views: Sequence[ViewSpec],
+                 train: bool, sampler: str = "uniform", sampling_labels: np.ndarray | None = None,
+                 positions: np.ndarray | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", channels_last: bool = False, workers: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not views:
+            raise ValueError("views is empty: pass at least one ViewSpec (e.g. augment.small_train())")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; pick one of {SAMPLERS}")
+        self.dataset, self.split = dataset, dataset.split(split)
+        self.files = dataset.require_files(split, self.kind)
+        n = self.split.num_samples
+        self.positions = np.arange(n, dtype=np.int64) if positions is None else _check_positions(positions, n)
+        if sampling_labels is None:
+            sampling_labels = self.split.labels
+        elif len(sampling_labels) != n:
+            raise ValueError(f"sampling_labels has {len(sampling_labels)} entries; it needs one per position "
+                             f"of split {split!r} ({n})")
+        self.sampling_labels = np.asarray(sampling_labels, dtype=np.int64)[self.positions]
+        self.batch_size, self.views, self.train, self.sampler = batch_size, list(views), train, sampler
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.workers = workers or default_workers()
+        self.is_raw = dataset.is_raw
+        if not self.is_raw and not all(v.resizes for v in self.views):
+            raise ValueError("jpeg sets have images of different sizes: every view needs crop='rrc' or "
+                             "'center' with a size (augment.large_train / large_eval / moco_v2)")
+        self.image_shape = (dataset.image["height"], dataset.image["width"], dataset.channels)
+        self.mean = augment.stats(dataset.mean, self.device)
+        self.std = augment.stats(dataset.std, self.device)
+        self._labels = torch.from_numpy(self.split.labels).to(self.device)
+        self._source_index = torch.from_numpy(self.split.source_index).to(self.device)
+        self.epoch = 0
+        shard_eval(1, rank, world_size)           # validates rank / world_size early
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_positions(self, epoch: int) -> np.ndarray:
+        """File positions this rank reads in `epoch`, in order (training: sampler order, then sharded)."""
+        if self.train:
+            order = epoch_order(self.sampling_labels, self.sampler, self.seed, epoch)
+            local = shard_train(order, self.rank, self.world_size)
+            local = local[: len(local) // self.batch_size * self.batch_size]
+        else:
+            local = shard_eval(len(self.positions), self.rank, self.world_size)
+        return self.positions[local]
+
+    def __len__(self) -> int:
+        if self.train:
+            return len(self.positions) // self.world_size // self.batch_size
+        return -(-len(shard_eval(len(self.positions), self.rank, self.world_size)) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        positions = self.epoch_positions(self.epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
+        for start, decoded in zip(range(0, len(positions), self.batch_size), self._decoded(positions)):
+            yield self._batch(decoded, positions[start:start + self.batch_size], generator)
+
+    def stage2_spec(self, view: ViewSpec) -> ViewSpec:
+        """What stage 2 does for a view of this loader: everything on raw sets, the rest after the
+        backend's crop and flip on jpeg sets."""
+        return view if self.is_raw else view.after_decode()
+
+    def _batch(self, decoded: list[torch.Tensor], positions: np.ndarray, generator) -> Batch:
+        index = torch.from_numpy(positions).to(self.device, non_blocking=True)
+        sizes = self._valid_sizes(positions)
+        views = tuple(augment.apply(self.stage2_spec(spec), x.to(self.device, non_blocking=True), generator,
+                                    self.mean, self.std, self.channels_last, sizes=sizes)
+                      for spec, x in zip(self.views, decoded))
+        return Batch(views=views, labels=self._labels[index], indices=self._source_index[index])
+
+    @abstractmethod
+    def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
+        """The epoch's decoded batches (see the class docstring)."""
+
+    def _valid_sizes(self, positions: np.ndarray) -> torch.Tensor | None:
+        """Per image (height, width) of the valid region when images sit in a padded canvas."""
+        return None
+
+
+def _check_positions(positions, n: int) -> np.ndarray:
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.ndim != 1 or (len(positions) and (positions.min() < 0 or positions.max() >= n)):
+        raise ValueError(f"positions must be a 1-D array of positions in 0..{n - 1}")
+    return positions

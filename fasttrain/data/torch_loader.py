@@ -1,0 +1,85 @@
+"""Plain PyTorch loader, the reference: a `DataLoader` over the DALI shard files (random access through
+`shards.py`), PIL decoding in worker processes, batches from our order.
+
+Every batch is fetched whole by one worker (`__getitems__`); its stage-1 randomness (jpeg crop and flip)
+comes from a seed derived from (seed, epoch, rank, batch number), so it does not depend on which worker
+ran it.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from fasttrain.data.augment import ViewSpec, crop_boxes
+from fasttrain.data.base import LoaderBase, derive_seed
+from fasttrain.data.shards import ShardReader, decode_rgb
+
+
+class ShardBatches(Dataset):
+    """Key: (seed, positions) -> one uint8 N x H x W x C tensor (raw), or one per view (jpeg)."""
+
+    def __init__(self, reader: ShardReader, views: list[ViewSpec], raw_shape: tuple[int, int, int]):
+        self.reader, self.views, self.raw_shape = reader, views, raw_shape
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitems__(self, key: tuple[int, np.ndarray]) -> list[torch.Tensor]:
+        seed, positions = key
+        if self.reader.is_raw:
+            batch = np.stack([self.reader.image_bytes(p) for p in positions])
+            return [torch.from_numpy(batch).view(len(positions), *self.raw_shape)]
+        images = [decode_rgb(self.reader.image_bytes(p)) for p in positions]
+        sizes = torch.tensor([[im.height, im.width] for im in images])
+        generator = torch.Generator().manual_seed(seed)
+        return [_crop_resize_flip(images, sizes, view, generator) for view in self.views]
+
+
+def _crop_resize_flip(images: list[Image.Image], sizes: torch.Tensor, view: ViewSpec,
+                      generator: torch.Generator) -> torch.Tensor:
+    boxes = crop_boxes(view, sizes, generator).long().tolist()
+    flips = (torch.rand(len(images), generator=generator) < 0.5).tolist() if view.flip else [False] * len(images)
+    out = np.empty((len(images), view.size, view.size, 3), np.uint8)
+    for i, (image, (top, left, h, w), flip) in enumerate(zip(images, boxes, flips)):
+        crop = image.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        out[i] = np.asarray(crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop)
+    return torch.from_numpy(out)
+
+
+def _as_is(batch):
+    return batch
+
+
+class EpochKeys:
+    """The DataLoader's batch sampler: this epoch's (seed, positions) keys, set before each epoch."""
+
+    def __init__(self):
+        self.keys: list[tuple[int, np.ndarray]] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class TorchLoader(LoaderBase):
+    kind = "torch"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dataset_batches = ShardBatches(ShardReader(self.files), self.views, self.image_shape)
+        self.keys = EpochKeys()
+        self.loader = DataLoader(self.dataset_batches, batch_sampler=self.keys, collate_fn=_as_is,
+                                 num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=self.workers > 0)
+
+    def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
+        self.keys.keys = [(derive_seed(self.seed, self.epoch, self.rank, b), positions[i:i + self.batch_size])
+                     for b, i in enumerate(range(0, len(positions), self.batch_size))]
+        for decoded in self.loader:
+            yield decoded * len(self.views) if self.is_raw else decoded

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny long-tailed datasets in the real on-disk format (written by data_prep)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+TRAIN_COUNTS = [48, 24, 12, 6]   # a 4-class long tail
+UNLABELED_COUNTS = [40, 40, 40, 40]
+TEST_PER_CLASS = 16
+SIZE = 16
+
+
+def make_images(labels: np.ndarray, rng: np.random.Generator, size: int = SIZE, channels: int = 3) -> np.ndarray:
+    """Learnable synthetic images: each class a different colour gradient direction, plus noise."""
+    n = len(labels)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    patterns = np.stack([xx, yy, 1 - xx, 1 - yy, (xx + yy) / 2, np.abs(xx - yy)])
+    base = patterns[labels % len(patterns)] * 200                       # N x H x W
+    img = base[..., None] * np.ones(channels) + rng.normal(0, 25, (n, size, size, channels))
+    img[..., 0] += (labels[:, None, None] * 13) % 50
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _split(counts, rng, offset):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    return {"images": make_images(labels, rng), "labels": labels,
+            "source_index": offset + np.arange(len(labels))}
+
+
+def write_tiny(out, *, seed: int = 0, num_classes: int = 4, formats=("ffcv", "dali")):
+    from data_prep.convert import write_dataset
+    rng = np.random.default_rng(seed)
+    counts = TRAIN_COUNTS[:num_classes] if num_classes <= 4 else TRAIN_COUNTS + [6] * (num_classes - 4)
+    splits = {"train": _split(counts, rng, 0),
+              "unlabeled": _split(UNLABELED_COUNTS[:1] * num_classes, rng, 10_000),
+              "test": _split([TEST_PER_CLASS] * num_classes, rng, 20_000)}
+    return write_dataset(out, splits, num_classes=num_classes, encoding="raw", formats=formats, shard_size=64,
+                         workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory):
+    """4 classes, 16x16x3 raw pixels: train 48/24/12/6, unlabeled pool 160, balanced test 64."""
+    return write_tiny(tmp_path_factory.mktemp("data") / "tiny_raw")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run gets a fresh Accelerate state (it is a process-wide singleton)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -1,0 +1,13 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (CPU): pseudo-label BASE_RUN's pool of DATA
+into OUT, each rank its evaluation block."""
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from fasttrain.methods.self_training import pseudo_label
+
+base_run, data, out = map(Path, sys.argv[1:4])
+acc = Accelerator()
+pseudo_label(base_run, data, out, loader="ffcv", batch_size=16, accelerator=acc, workers=1)
+acc.end_training()

@@ -1,0 +1,247 @@
+"""The converters on tiny files in each source's real on-disk format, plus the real split files / Fashion-MNIST."""
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_prep_fixtures import (make_cifar10, make_cifar100, make_fmnist, make_folder, make_imagenet, make_inat,
+                                make_svhn, make_tinyimages, read_dali, read_ffcv)
+from PIL import Image
+
+from data_prep import ConvertError
+from data_prep.convert import convert, main
+from data_prep.longtail import class_counts, unlabeled_counts
+from data_prep.sources import read_split_file
+from fasttrain.dataset import DatasetDir
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = Path("/work/shared/splits")
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run(*args):
+    return DatasetDir(convert([str(a) for a in args] + ["--workers", "2"]))
+
+
+@pytest.fixture(scope="module")
+def fmnist_root(tmp_path_factory):
+    return make_fmnist(tmp_path_factory.mktemp("fmnist"))
+
+
+def test_fmnist_longtail_pool_and_determinism(fmnist_root, tmp_path):
+    args = ["--source", "fmnist", "--root", fmnist_root, "--profile", "exp", "--rho", 10, "--max-per-class", 20,
+            "--rho-u", 10, "--unlabeled-factor", 2, "--formats", "dali"]
+    ds = run(*args, "--seed", 0, "--out", tmp_path / "a")
+    train, unl = ds.split("train"), ds.split("unlabeled")
+    counts = class_counts(10, 20, "exp", 10)
+    assert train.class_counts == counts and np.bincount(train.labels).tolist() == counts
+    assert not set(train.source_index) & set(unl.source_index)  # pool = train images not selected
+    requested = unlabeled_counts(10, 2 * sum(counts), 10)
+    m = ds.manifest["splits"]["unlabeled"]
+    assert m["requested_class_counts"] == requested and unl.class_counts == requested
+    assert m["shortfall"] == [0] * 10 and np.all(unl.labels == -1)
+    assert ds.manifest["longtail"] == {"profile": "exp", "rho": 10, "max_per_class": 20, "rho_u": 10,
+                                       "unlabeled_factor": 2, "seed": 0}
+    assert ds.split("test").class_counts == [5] * 10 and ds.manifest["command"].startswith("python -m data_prep")
+    same, other = run(*args, "--seed", 0, "--out", tmp_path / "b"), run(*args, "--seed", 1, "--out", tmp_path / "c")
+    assert np.array_equal(same.split("train").source_index, train.source_index)
+    assert np.array_equal(same.split("unlabeled").source_index, unl.source_index)
+    assert not np.array_equal(other.split("train").source_index, train.source_index)
+    assert same.manifest["checksums"] == ds.manifest["checksums"]  # dali + meta files are byte-identical
+    # pixels of the selected samples are the source's pixels at those indices
+    src = gzip.decompress((fmnist_root / "train-images-idx3-ubyte.gz").read_bytes())[16:]
+    src = np.frombuffer(src, np.uint8).reshape(-1, 28, 28)
+    x, _, idx = read_dali(ds.split("train").dali_dir)
+    assert np.array_equal(np.stack(x).reshape(-1, 28, 28), src[idx])
+
+
+@pytest.mark.parametrize("profile,expected", [("step", [20] * 5 + [2] * 5), ("none", [20] * 10)])
+def test_fmnist_profiles(fmnist_root, tmp_path, profile, expected):
+    ds = run("--source", "fmnist", "--root", fmnist_root, "--profile", profile, "--rho", 10, "--max-per-class", 20,
+             "--unlabeled-factor", 0, "--formats", "dali", "--out", tmp_path / "d")
+    assert ds.split("train").class_counts == expected and not ds.has_split("unlabeled")
+
+
+def test_real_fashion_mnist(tmp_path):
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("real Fashion-MNIST not installed")
+    ds = run("--source", "fmnist", "--root", FMNIST, "--rho", 10, "--max-per-class", 30, "--unlabeled-factor", 1,
+             "--out", tmp_path / "fm")
+    assert ds.split("train").class_counts == class_counts(10, 30, "exp", 10) and ds.split("test").num_samples == 10000
+    assert ds.class_names[0] == "T-shirt/top" and 60 < ds.mean[0] < 90 and 80 < ds.std[0] < 100
+    x, y, idx = read_ffcv(ds.split("train").ffcv_path)
+    assert x.shape[1:] == (28, 28, 1) and np.array_equal(y, ds.split("train").labels)
+    assert np.array_equal(idx, ds.split("train").source_index)
+
+
+def test_cifar10_with_tinyimages_pool_and_shortfall(tmp_path):
+    d, x, y = make_cifar10(tmp_path / "src")
+    make_tinyimages(tmp_path / "ti.pkl", [40] * 5 + [1] * 5)
+    ds = run("--source", "cifar10", "--root", tmp_path / "src", "--unlabeled-file", tmp_path / "ti.pkl",
+             "--max-per-class", 30, "--rho", 10, "--unlabeled-factor", 1, "--out", tmp_path / "out")
+    train, unl = ds.split("train"), ds.split("unlabeled")
+    assert ds.class_names[3] == "c3" and train.class_counts == class_counts(10, 30, "exp", 10)
+    requested = unlabeled_counts(10, sum(train.class_counts), 10)
+    m = ds.manifest["splits"]["unlabeled"]
+    assert m["requested_class_counts"] == requested
+    assert m["shortfall"] == [max(r - (40 if c < 5 else 1), 0) for c, r in enumerate(requested)]
+    assert unl.source_index.min() >= 400 and ds.manifest["unlabeled_pool"]["source_index_offset"] == 400
+    fx, fy, fi = read_ffcv(ds.split("train").ffcv_path)
+    assert np.array_equal(fx, x[fi]) and np.array_equal(fy, y[fi])
+    dx, dy, di = read_dali(ds.split("unlabeled").dali_dir)
+    ti = np.load(tmp_path / "ti.pkl", allow_pickle=True)
+    assert np.array_equal(np.stack(dx).reshape(-1, 32, 32, 3), ti["data"][di - 400]) and np.all(dy == -1)
+    assert np.array_equal(unl.true_labels(), ti["extrapolated_targets"][di - 400])
+
+
+def test_cifar100(tmp_path):
+    make_cifar100(tmp_path / "src")
+    ds = run("--source", "cifar100", "--root", tmp_path / "src", "--max-per-class", 10, "--rho", 5,
+             "--unlabeled-factor", 0, "--formats", "ffcv", "--out", tmp_path / "out")
+    assert ds.num_classes == 100 and ds.class_names[99] == "f99"
+    assert ds.split("train").class_counts == class_counts(100, 10, "exp", 5)
+    assert ds.split("test").num_samples == 200
+
+
+def test_svhn_with_extra(tmp_path):
+    make_svhn(tmp_path / "src")
+    ds = run("--source", "svhn", "--root", tmp_path / "src", "--max-per-class", 30, "--rho", 10, "--rho-u", 1,
+             "--unlabeled-factor", 1, "--formats", "dali", "--out", tmp_path / "out")
+    train, unl = ds.split("train"), ds.split("unlabeled")
+    assert train.class_counts == class_counts(10, 30, "exp", 10)  # label 10 became digit 0
+    assert ds.manifest["unlabeled_pool"] == {"name": "svhn_extra", "size": 500, "source_index_offset": 300}
+    assert unl.source_index.min() >= 300 and sum(unl.class_counts) == sum(unlabeled_counts(10, train.num_samples, 1))
+    from scipy.io import loadmat
+    extra = loadmat(tmp_path / "src" / "extra_32x32.mat")
+    x, _, idx = read_dali(unl.dali_dir)
+    assert np.array_equal(np.stack(x).reshape(-1, 32, 32, 3), extra["X"].transpose(3, 0, 1, 2)[idx - 300])
+    assert np.array_equal(unl.true_labels(), extra["y"].ravel()[idx - 300] % 10)
+
+
+def test_imagenet_lt_odd_files_pool_val_test(tmp_path):
+    root, splits, pixels = make_imagenet(tmp_path / "imnet")
+    ds = run("--source", "imagenet_lt", "--root", root, "--split-file", splits["train"], "--val-split-file",
+             splits["val"], "--test-split-file", splits["test"], "--max-side", 32, "--unlabeled-factor", 1,
+             "--rho-u", 1, "--shard-size", 7, "--out", tmp_path / "out")
+    assert ds.class_names == [f"n{1440764 + c:08d}" for c in range(4)] and ds.image["encoding"] == "jpeg"
+    train = ds.split("train")
+    assert train.class_counts == [8, 5, 3, 2] and ds.manifest["longtail"]["profile"] == "split-file"
+    assert ds.split("val").class_counts == [3] * 4 and ds.split("test").class_counts == [3] * 4
+    lines = splits["train"].read_text().split()[::2]
+    unl = ds.split("unlabeled")
+    assert unl.source_index.min() >= len(lines) and unl.class_counts == unlabeled_counts(4, 18, 1)
+    assert ds.manifest["splits"]["unlabeled"]["shortfall"] == [0, 0, 0, 0]
+    expected = np.stack([np.asarray(Image.fromarray(pixels[str(root / lines[i])]).resize((32, 24), Image.BICUBIC))
+                         for i in train.source_index])  # includes CMYK, grayscale and PNG-named-.JPEG files
+    fx, fy, fi = read_ffcv(train.ffcv_path, jpeg=True)
+    dx, dy, di = read_dali(train.dali_dir, jpeg=True)
+    for x in (fx, np.stack(dx)):
+        assert x.shape == expected.shape and np.abs(x.astype(int) - expected).mean() < 8
+    assert np.array_equal(fy, train.labels) and np.array_equal(dy, train.labels) and np.array_equal(di, fi)
+
+
+def test_imagenet_lt_bad_images(tmp_path):
+    root, splits, _ = make_imagenet(tmp_path / "imnet", classes=2, per_class=(4, 1, 1), lt=(3, 2))
+    victim = root / splits["train"].read_text().split()[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    args = ["--source", "imagenet_lt", "--root", root, "--split-file", splits["train"], "--max-side", 32,
+            "--unlabeled-factor", 0, "--formats", "dali", "--out", tmp_path / "out"]
+    with pytest.raises(ConvertError, match=f"{victim}: unreadable or truncated image.*--skip-bad"):
+        run(*args)
+    assert not (tmp_path / "out").exists()
+    ds = run(*args, "--skip-bad")
+    assert ds.manifest["skipped"][0]["file"] == str(victim) and ds.split("train").class_counts == [2, 2]
+    victim.unlink()
+    with pytest.raises(ConvertError, match=f"{victim}: missing file"):
+        run(*args[:-2], "--out", tmp_path / "out2")
+    with pytest.raises(ConvertError, match="--profile exp: the imagenet_lt train set is already long-tailed"):
+        run(*args, "--profile", "exp", "--out", tmp_path / "out3")
+    with pytest.raises(ConvertError, match="--max-per-class: the imagenet_lt train set is already long-tailed"):
+        run(*args, "--max-per-class", 2, "--out", tmp_path / "out3")
+
+
+def test_inat2018(tmp_path):
+    root, train_split, val_split = make_inat(tmp_path / "inat")
+    ds = run("--source", "inat2018", "--root", root, "--split-file", train_split, "--val-split-file", val_split,
+             "--formats", "dali", "--out", tmp_path / "out")
+    assert ds.split("train").class_counts == [6, 4, 2, 1] and ds.split("val").class_counts == [1] * 4
+    assert ds.class_names[0] == "Plantae/7291" and not ds.has_split("unlabeled") and ds.eval_split() == "val"
+    x, y, _ = read_dali(ds.split("train").dali_dir, jpeg=True)
+    assert x[0].shape == (40, 30, 3) and np.array_equal(y, ds.split("train").labels)
+
+
+@pytest.mark.parametrize("with_test", [True, False])
+def test_folder(tmp_path, with_test):
+    make_folder(tmp_path / "f", with_test=with_test)
+    ds = run("--source", "folder", "--root", tmp_path / "f", "--profile", "none", "--unlabeled-factor", 0.5,
+             "--rho-u", 1, "--formats", "dali", "--out", tmp_path / "out")
+    assert ds.class_names == ["class_0", "class_1", "class_2"] and ds.split("train").class_counts == [4, 4, 4]
+    assert ds.has_split("test") == with_test and ds.split("unlabeled").class_counts == [2, 1, 0]
+    assert ds.manifest["splits"]["unlabeled"]["shortfall"] == [0, 1, 2]  # asked 2 each, 6-4, 5-4, 4-4 left
+
+
+def test_real_split_files_parse():
+    if not SPLITS.is_dir():
+        pytest.skip("no shared split files")
+    for name, n, classes in (("ImageNet_LT_val", 20000, 1000), ("ImageNet_LT_test", 50000, 1000),
+                             ("iNaturalist18_val", 24426, 8142)):
+        paths, labels = read_split_file(SPLITS / f"{name}.txt.gz")
+        assert len(paths) == len(labels) == n and labels.max() + 1 == classes
+    paths, _ = read_split_file(SPLITS / "ImageNet_LT_test.txt.gz")
+    assert paths[0].startswith("val/n01440764/")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_sources(tmp_path, fmnist_root):
+    with pytest.raises(ConvertError, match="unknown source 'mnist'"):
+        run("--source", "mnist", "--root", tmp_path, "--out", tmp_path / "o")
+    with pytest.raises(ConvertError, match="missing source file .*train-images-idx3-ubyte.gz"):
+        run("--source", "fmnist", "--root", tmp_path, "--out", tmp_path / "o")
+    bad = tmp_path / "trunc"
+    bad.mkdir()
+    for f in fmnist_root.iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(gzip.compress(gzip.decompress(data)[:-100]) if "train-images" in f.name else data)
+    with pytest.raises(ConvertError, match="train-images-idx3-ubyte.gz: truncated"):
+        run("--source", "fmnist", "--root", bad, "--out", tmp_path / "o")
+    with pytest.raises(ConvertError, match="class 0 has 80 images but the long-tail profile asks for 300"):
+        run("--source", "fmnist", "--root", fmnist_root, "--max-per-class", 300, "--out", tmp_path / "o")
+    with pytest.raises(ConvertError, match="--profile exp with n_max 50 and --rho 100 leaves class 8 with 0 images"):
+        run("--source", "fmnist", "--root", fmnist_root, "--max-per-class", 50, "--rho", 100, "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_labels_and_empty_classes(tmp_path):
+    root, train_split, _ = make_inat(tmp_path / "inat")
+    with pytest.raises(ConvertError, match="iNaturalist18_train.txt:13: label 3 is out of range for --num-classes 3"):
+        run("--source", "inat2018", "--root", root, "--split-file", train_split, "--num-classes", 3,
+            "--out", tmp_path / "o")
+    with pytest.raises(ConvertError, match="class 4 \\(4\\) has no training images"):
+        run("--source", "inat2018", "--root", root, "--split-file", train_split, "--num-classes", 5,
+            "--out", tmp_path / "o")
+    (tmp_path / "bad.txt").write_text("train_val2018/a.jpg seven\n")
+    with pytest.raises(ConvertError, match="bad.txt:1: expected `<relative path> <label>`"):
+        run("--source", "inat2018", "--root", root, "--split-file", tmp_path / "bad.txt", "--out", tmp_path / "o")
+    make_folder(tmp_path / "f", with_test=False)
+    (tmp_path / "f" / "class_3").mkdir()
+    with pytest.raises(ConvertError, match="class 3 \\(class_3\\) has no training images"):
+        run("--source", "folder", "--root", tmp_path / "f", "--out", tmp_path / "o")
+
+
+def test_cli_one_line_error_exit_2_and_overwrite(tmp_path, fmnist_root, capsys):
+    assert main(["--source", "nope", "--root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown source 'nope'") and "\n" not in err
+    args = ["--source", "fmnist", "--root", str(fmnist_root), "--unlabeled-factor", "0", "--formats", "dali",
+            "--max-per-class", "10", "--rho", "10", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    proc = subprocess.run([sys.executable, "-m", "data_prep.convert", *args], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("pass --overwrite (overwrite=True) to replace it, or pick another --out")
+    assert main(args + ["--overwrite", "--seed", "3"]) == 0
+    assert DatasetDir(tmp_path / "o").manifest["longtail"]["seed"] == 3

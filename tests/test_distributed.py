@@ -1,0 +1,57 @@
+"""The multi-GPU path, exercised with two CPU processes (gloo): disjoint shards, identical parameters,
+and evaluation that counts every test image once (same metrics as one process)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain.config import Config
+from fasttrain.dataset import DatasetDir
+from fasttrain.evaluate import evaluate
+from fasttrain.data import build_loader
+from fasttrain.methods.base import Method
+
+HERE = Path(__file__).parent
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def launch(script, *args, timeout=600):
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+           str(script), *map(str, args)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["device", "ffcv"])
+def test_two_processes_train_in_sync_and_evaluate_every_image_once(tiny_raw, tmp_path, loader):
+    launch(HERE / "scripts" / "train_two_procs.py", tiny_raw, tmp_path, loader)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"
+    seen0, seen1 = (json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1))
+    # 90 training images, 2 ranks x 45, 5 full batches of 8 each: 40 distinct images per rank, disjoint
+    assert len(seen0) == len(set(seen0)) == 40 and len(seen1) == len(set(seen1)) == 40
+    assert not set(seen0) & set(seen1)
+    # metrics of the 2-process run equal those of evaluating the saved model in one process
+    two = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    cfg = Config(data=str(tiny_raw), arch="resnet20", width=0.5)
+    dataset = DatasetDir(tiny_raw)
+    method = Method(cfg, dataset)
+    model = method.build_model()
+    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"])
+    loader1 = build_loader(dataset, "test", kind="device", batch_size=16, views=method.views(False), train=False,
+                           workers=1)
+    one, _ = evaluate(model, loader1, 4, dataset.split("train").class_counts)
+    assert two["num_eval_images"] == 64
+    for key in ("top1", "top5", "many", "medium", "few", "per_class"):
+        assert two[key] == one[key], key

@@ -1,0 +1,79 @@
+"""Rotation SSP: the four rotations and their labels, no class label used, the backbone feeds a classifier."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fasttrain.config import Config
+from fasttrain.data.batch import Batch
+from fasttrain.dataset import DatasetDir
+from fasttrain.engine import Engine
+from fasttrain.methods.rotation import Rotation, rotations
+from fasttrain.models import build_model, load_pretrained
+
+TINY = dict(arch="resnet20", width=0.5, epochs=1, batch_size=16, lr=0.05, schedule="constant", loader="device",
+            workers=1, log_every=1000)
+
+
+def fit(data, out, **overrides):
+    engine = Engine(Config(data=str(data), out=str(out)).update(TINY | overrides))
+    assert engine.fit() == "done"
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_four_rotations_equal_rot90_with_labels_in_order():
+    image = torch.tensor([[1., 2.], [3., 4.]]).view(1, 1, 2, 2)
+    rotated, labels = rotations(image)
+    # torch.rot90 turns counter-clockwise: k=1 puts the top-right pixel at the top-left
+    assert rotated[:, 0].tolist() == [[[1, 2], [3, 4]], [[2, 4], [1, 3]], [[4, 3], [2, 1]], [[3, 1], [4, 2]]]
+    assert labels.tolist() == [0, 1, 2, 3]
+
+    x = torch.randn(3, 2, 5, 5)
+    rotated, labels = rotations(x)
+    assert rotated.shape == (12, 2, 5, 5) and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    for k in range(4):
+        assert torch.equal(rotated[3 * k:3 * k + 3], torch.rot90(x, k, dims=(2, 3)))
+
+
+def test_rotations_keep_channels_last_and_need_square_images():
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert rotations(x)[0].is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="square"):
+        rotations(torch.randn(2, 3, 4, 6))
+
+
+def test_loss_is_4_way_and_ignores_class_labels(tiny_raw):
+    method = Rotation(Config(data=str(tiny_raw)).update(TINY), DatasetDir(tiny_raw))
+    assert method.num_outputs() == 4 and not method.evaluates
+    model = method.build_model()
+    images = torch.randn(8, 3, 16, 16)
+    loss_a, logs = method.loss(model, Batch((images,), torch.full((8,), -1), torch.arange(8)), 0)
+    loss_b, _ = method.loss(model, Batch((images,), torch.randint(0, 4, (8,)), torch.arange(8)), 0)
+    assert torch.equal(loss_a, loss_b) and set(logs) == {"loss", "rotation_acc"}
+    assert 0 <= logs["rotation_acc"] <= 1
+    loss_a.backward()
+    assert model.fc.weight.grad.shape == (4, model.feature_dim)
+
+
+def test_rotation_run_exports_a_backbone_that_a_classifier_loads(tiny_raw, tmp_path):
+    fit(tiny_raw, tmp_path / "rot", method="rotation")
+    run = tmp_path / "rot"
+    assert (run / "backbone.pt").exists() and not (run / "metrics.json").exists()   # no class evaluation
+    assert "rotation_acc" in json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    ssp = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    classifier = build_model("resnet20", 4, width=0.5)
+    fresh_fc = {k: v.clone() for k, v in classifier.fc.state_dict().items()}
+    report = load_pretrained(classifier, run / "backbone.pt")
+    assert report.missing == [] and report.loaded == len([k for k in ssp if not k.startswith("fc.")])
+    for k, v in classifier.state_dict().items():
+        if k.startswith("fc."):
+            assert torch.equal(v, fresh_fc[k[3:]])            # the head stays as initialised
+        else:
+            assert torch.equal(v, ssp[k]), k
+    # the supervised stage starts from it through the engine's --pretrained
+    fit(tiny_raw, tmp_path / "ce", pretrained=str(run / "backbone.pt"))
+    assert (tmp_path / "ce" / "metrics.json").exists()
