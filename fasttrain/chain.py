@@ -7,6 +7,8 @@ stages (DONE) and resumes the unfinished one from its last checkpoint, so chains
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,19 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def user_errors(main):
+    """Configuration and data mistakes end a recipe with one clear line (exit code 2), not a traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+    return wrapper
+
+
+@user_errors
 def run_single(preset: dict, description: str, argv=None) -> str:
     """A one-stage recipe: defaults < preset < --config < flags; `--resume RUN` continues a run."""
     args = parser(description).parse_args(argv)
@@ -43,6 +58,7 @@ def run_single(preset: dict, description: str, argv=None) -> str:
     return status
 
 
+@user_errors
 def run_chain(stages: list[Stage], description: str, argv=None) -> str:
     p = parser(description)
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run: "

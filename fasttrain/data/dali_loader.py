@@ -80,7 +80,7 @@ class DaliLoader(LoaderBase):
     def _to_torch(self, output) -> torch.Tensor:
         tensor = output.as_tensor()
         if not self.gpu:
-            return torch.from_numpy(np.asarray(tensor))
+            return torch.from_dlpack(tensor)
         out = torch.empty(tensor.shape(), dtype=torch.uint8, device=self.device)
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out
