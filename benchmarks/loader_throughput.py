@@ -156,10 +156,9 @@ def ffcv_raw_loader(ds: DatasetDir, batch_size: int, workers: int, size: int | N
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
 
-    if size is None:
-        image = [NDArrayDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4), ToTensor(), ToTorchImage()]
-    else:
-        image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(), ToTensor(), ToTorchImage()]
+    decode = [NDArrayDecoder(), RandomTranslate(padding=4)] if size is None else \
+        [RandomResizedCropRGBImageDecoder((size, size))]
+    image = [*decode, RandomHorizontalFlip(), ToTensor(), ToTorchImage()]
     loader = Loader(str(ds.split("train").ffcv_path), batch_size=batch_size, num_workers=workers,
                     order=OrderOption.RANDOM, os_cache=True, drop_last=True, batches_ahead=3,
                     pipelines={"image": image, "label": [IntDecoder(), ToTensor()], "index": None})
@@ -279,8 +278,8 @@ def main(argv=None) -> dict:
             if name == "jpeg":
                 torch_dataset = JpegFolder(data["jpeg_files"], data["jpeg_labels"], args.size, ds.mean, ds.std)
                 views, size = [augment.large_train(args.size)], args.size
-                report["settings"][name] = (f"{args.num_jpeg} JPEGs 300-500 px ({data['mean_jpeg_kb']:.0f} KB), "
-                                            f"max_side 256, RRC {args.size} + flip, batch {args.batch_size}")
+                report["settings"][name] = (f"{args.num_jpeg} JPEGs 300-500 px ({data['mean_jpeg_kb']:.0f} KB),"
+                                            f" max_side 256, RRC {args.size} + flip, batch {args.batch_size}")
             else:
                 torch_dataset = RawArray(data["raw"], data["raw_labels"], ds.mean, ds.std)
                 views, size = [augment.small_train()], None

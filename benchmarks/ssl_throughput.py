@@ -4,6 +4,7 @@ A raw 32 px set (CIFAR-sized) with a labeled and an unlabeled split; ResNet-32 a
 MoCo: images per second per view (each image gives two views; shuffling BN over 8 sub-batches on one
 device). Self-training: labeled + pseudo-labeled images per second (half of each batch from each; the
 pseudo-labels are random, which does not change the cost). One warm-up epoch, then `--epochs` timed.
+Defaults are sized for about 3 minutes on 2 CPU cores; on a GPU raise --images / --batch-size.
 
     python benchmarks/ssl_throughput.py --out benchmarks/results/ssl_throughput.json
 """
@@ -61,10 +62,10 @@ def main():
     p.add_argument("--out", default="benchmarks/results/ssl_throughput.json")
     p.add_argument("--arch", default="resnet32")
     p.add_argument("--width", type=float, default=0.5)
-    p.add_argument("--images", type=int, default=2048, help="per split (labeled and unlabeled)")
+    p.add_argument("--images", type=int, default=512, help="per split (labeled and unlabeled)")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--loaders", default="ffcv,dali,torch,device")
     p.add_argument("--methods", default="moco,self_training")
     p.add_argument("--precision", default="no")

@@ -170,7 +170,7 @@ class Engine:
                 self.state["step"] += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            images += len(batch)
+            images += self.per_process_batch  # every image of the step (self-training: labeled + pseudo)
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
                 bar.set_postfix(loss=f"{(sums['loss'] / (i + 1)).item():.4f}", lr=f"{lr:.4g}")
             bar.update(1)
@@ -183,15 +183,16 @@ class Engine:
         return means
 
     def sync_buffers(self) -> None:
-        """Average floating-point buffers (BN running statistics) over ranks. DDP only broadcasts rank 0's
+        """Average the BatchNorm running statistics over ranks. DDP only broadcasts rank 0's
         buffers at the start of a forward, so after an epoch every rank holds its own statistics; without
         this, each rank would evaluate its part of the test set with a slightly different model."""
         if self.accelerator.num_processes == 1:
             return
-        for buffer in self.accelerator.unwrap_model(self.model).buffers():
-            if buffer.is_floating_point():
-                torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
-                buffer /= self.accelerator.num_processes
+        for module in self.accelerator.unwrap_model(self.model).modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                for buffer in (module.running_mean, module.running_var):
+                    torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+                    buffer /= self.accelerator.num_processes
 
     def evaluate(self, epoch: int) -> dict:
         counts = self.dataset.split(self.cfg.train_split).class_counts

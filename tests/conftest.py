@@ -1,8 +1,16 @@
 """Shared fixtures: tiny long-tailed datasets in the real on-disk format (written by data_prep)."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 TRAIN_COUNTS = [48, 24, 12, 6]   # a 4-class long tail
 UNLABELED_COUNTS = [40, 40, 40, 40]
@@ -44,10 +52,45 @@ def tiny_raw(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("data") / "tiny_raw")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run gets a fresh Accelerate state (it is a process-wide singleton)."""
-    yield
+# A small, fast training run: the defaults of every in-process engine run in the tests.
+TINY_RUN = dict(arch="resnet20", width=0.5, epochs=1, batch_size=16, lr=0.05, schedule="constant", loader="device",
+                workers=1, log_every=1000)
+
+
+def reset_accelerate() -> None:
+    """Accelerate's state is a process-wide singleton: each in-process run starts from a fresh one."""
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def fit(data, out, **overrides) -> str:
+    """Train in this process with TINY_RUN < overrides; returns "done" or "stopped"."""
+    from fasttrain.config import Config
+    from fasttrain.engine import Engine
+    try:
+        return Engine(Config(data=str(data), out=str(out)).update(TINY_RUN | overrides)).fit()
+    finally:
+        reset_accelerate()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    reset_accelerate()
+
+
+def launch_two_processes(script, *args, timeout=600) -> subprocess.CompletedProcess:
+    """`accelerate launch` with two CPU processes (gloo), the way the multi-GPU path is tested here:
+    ACCELERATE_USE_CPU=true + --multi_gpu (plain --cpu --num_processes 2 silently runs one process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), str(script), *map(str, args)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result

@@ -25,7 +25,8 @@ def unnormalize(y, mean=MEAN, std=STD):
 def test_presets():
     assert A.small_train() == A.ViewSpec(crop="pad", pad=4, flip=True)
     assert A.small_eval() == A.ViewSpec()
-    assert A.large_train(160) == A.ViewSpec(crop="rrc", size=160, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=True)
+    assert A.large_train(160) == A.ViewSpec(crop="rrc", size=160, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                            flip=True)
     assert A.large_eval(224) == A.ViewSpec(crop="center", size=224, center_ratio=0.875)
     moco = A.moco_v2(224)
     assert (moco.crop, moco.size, moco.scale, moco.flip) == ("rrc", 224, (0.2, 1.0), True)

@@ -3,14 +3,12 @@ and evaluation that counts every test image once (same metrics as one process)."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import launch_two_processes
 from fasttrain.config import Config
 from fasttrain.dataset import DatasetDir
 from fasttrain.evaluate import evaluate
@@ -18,23 +16,12 @@ from fasttrain.data import build_loader
 from fasttrain.methods.base import Method
 
 HERE = Path(__file__).parent
-ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-def launch(script, *args, timeout=600):
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
-           str(script), *map(str, args)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["device", "ffcv"])
 def test_two_processes_train_in_sync_and_evaluate_every_image_once(tiny_raw, tmp_path, loader):
-    launch(HERE / "scripts" / "train_two_procs.py", tiny_raw, tmp_path, loader)
+    launch_two_processes(HERE / "scripts" / "train_two_procs.py", tiny_raw, tmp_path, loader)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"

@@ -10,21 +10,15 @@ import torch
 
 from fasttrain.config import Config
 from fasttrain.dataset import DatasetError
-from fasttrain.engine import Engine
 
-from conftest import write_tiny
+from conftest import fit, write_tiny
 
-TINY = dict(arch="resnet20", width=0.5, epochs=4, batch_size=16, lr=0.05, warmup_epochs=1, schedule="step",
-            milestones=[3], milestone_factors=[0.1], loader="device", workers=1, log_every=1000)
+# four epochs with warm-up and a step, so resuming has to get the schedule right
+SCHEDULE = dict(epochs=4, warmup_epochs=1, schedule="step", milestones=[3], milestone_factors=[0.1])
 
 
 def run(data, out, **overrides):
-    cfg = Config(data=str(data), out=str(out)).update(TINY | overrides)
-    status = Engine(cfg).fit()
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return status
+    return fit(data, out, **(SCHEDULE | overrides))
 
 
 def losses(run_dir):

@@ -3,9 +3,6 @@ processes), the method's model / views / checks, and the exported backbone in a 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,23 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import conftest
+from conftest import launch_two_processes
 from fasttrain.config import Config
 from fasttrain.dataset import DatasetDir
-from fasttrain.engine import Engine
 from fasttrain.methods.moco import MoCo, MoCoModel
 from fasttrain.models import build_model, load_pretrained
 
 HERE = Path(__file__).parent
-TINY = dict(arch="resnet20", width=0.5, epochs=1, batch_size=16, lr=0.05, schedule="constant", loader="device",
-            workers=1, log_every=1000, method="moco", moco_dim=8, moco_queue=64, moco_shuffle_groups=2)
+MOCO = dict(method="moco", moco_dim=8, moco_queue=64, moco_shuffle_groups=2)
 
 
 def fit(data, out, **overrides) -> str:
-    status = Engine(Config(data=str(data), out=str(out)).update(TINY | overrides)).fit()
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return status
+    return conftest.fit(data, out, **(MOCO | overrides))
 
 
 def linear_moco(queue_size=8, dim=2, **kwargs):
@@ -112,7 +105,7 @@ def test_shuffle_bn_emulation_uses_per_sub_batch_statistics(groups):
 
 @pytest.fixture
 def method(tiny_raw):
-    return MoCo(Config(data=str(tiny_raw)).update(TINY | {"moco_dim": 128}), DatasetDir(tiny_raw))
+    return MoCo(Config(data=str(tiny_raw)).update(conftest.TINY_RUN | MOCO | {"moco_dim": 128}), DatasetDir(tiny_raw))
 
 
 def test_model_views_and_trainable_parameters(method):
@@ -177,14 +170,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tiny_raw, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_gather_keys_from_both_ranks_into_one_queue(tmp_path):
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + (os.getpid() + 7) % 1000),
-           str(HERE / "scripts" / "moco_two_procs.py"), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    launch_two_processes(HERE / "scripts" / "moco_two_procs.py", tmp_path, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     n = len(r0["keys"])
     # after the first step the queue holds rank 0's keys, then rank 1's, on both ranks

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_distributed import launch
+from conftest import launch_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "16", "--warmup-epochs", "0", "--milestones", "",
@@ -51,7 +51,7 @@ def test_fmnist_chain_one_process(tiny_raw, tmp_path):
 @pytest.mark.slow
 def test_fmnist_chain_two_processes(tiny_raw, tmp_path):
     out = tmp_path / "chain2"
-    launch(ROOT / "recipes" / "fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", *TINY)
+    launch_two_processes(ROOT / "recipes" / "fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", *TINY)
     check_chain(out)
 
 

@@ -6,23 +6,15 @@ import json
 import pytest
 import torch
 
+import conftest
 from fasttrain.config import Config
 from fasttrain.data.batch import Batch
 from fasttrain.dataset import DatasetDir
-from fasttrain.engine import Engine
 from fasttrain.methods.rotation import Rotation, rotations
 from fasttrain.models import build_model, load_pretrained
 
-TINY = dict(arch="resnet20", width=0.5, epochs=1, batch_size=16, lr=0.05, schedule="constant", loader="device",
-            workers=1, log_every=1000)
-
-
 def fit(data, out, **overrides):
-    engine = Engine(Config(data=str(data), out=str(out)).update(TINY | overrides))
-    assert engine.fit() == "done"
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    assert conftest.fit(data, out, **overrides) == "done"
 
 
 def test_four_rotations_equal_rot90_with_labels_in_order():
@@ -47,9 +39,10 @@ def test_rotations_keep_channels_last_and_need_square_images():
 
 
 def test_loss_is_4_way_and_ignores_class_labels(tiny_raw):
-    method = Rotation(Config(data=str(tiny_raw)).update(TINY), DatasetDir(tiny_raw))
+    method = Rotation(Config(data=str(tiny_raw)).update(conftest.TINY_RUN | {"head": "cosine"}), DatasetDir(tiny_raw))
     assert method.num_outputs() == 4 and not method.evaluates
     model = method.build_model()
+    assert isinstance(model.fc, torch.nn.Linear)              # the thrown-away rotation head is always linear
     images = torch.randn(8, 3, 16, 16)
     loss_a, logs = method.loss(model, Batch((images,), torch.full((8,), -1), torch.arange(8)), 0)
     loss_b, _ = method.loss(model, Batch((images,), torch.randint(0, 4, (8,)), torch.arange(8)), 0)

@@ -3,16 +3,14 @@ and the whole base -> pseudo-label -> joint chain with several losses, samplers 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_RUN, fit, launch_two_processes, reset_accelerate
 from fasttrain.config import Config
 from fasttrain.data import augment, build_loader
 from fasttrain.dataset import DatasetDir, DatasetError, Split
@@ -20,25 +18,9 @@ from fasttrain.engine import Engine
 from fasttrain.methods.self_training import load_classifier, pseudo_label
 
 HERE = Path(__file__).parent
-TINY = dict(arch="resnet20", width=0.5, epochs=1, batch_size=16, lr=0.05, schedule="constant", loader="device",
-            workers=1, log_every=1000)
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def fit(data, out, **overrides) -> str:
-    status = Engine(Config(data=str(data), out=str(out)).update(TINY | overrides)).fit()
-    reset_accelerate()
-    return status
-
-
 def engine_for(data, pseudo, **overrides):
     return Engine(Config(data=str(data), out="unused").update(
-        TINY | {"method": "self_training", "pseudo_labels": str(pseudo)} | overrides))
+        TINY_RUN | {"method": "self_training", "pseudo_labels": str(pseudo)} | overrides))
 
 
 def write_table(path, data, label, confidence=None, threshold=0.0):
@@ -99,6 +81,10 @@ def test_pseudo_label_errors(tiny_raw, base_run, tmp_path):
         pseudo_label(base_run, data, tmp_path / "out", workers=1)
     with pytest.raises(FileNotFoundError, match="model.pt"):
         pseudo_label(tmp_path, tiny_raw, tmp_path / "out", workers=1)
+    ssp = tmp_path / "ssp"
+    assert fit(tiny_raw, ssp, method="rotation") == "done"    # 4 outputs, like the 4 classes: still refused
+    with pytest.raises(ValueError, match="not a classifier"):
+        pseudo_label(ssp, tiny_raw, tmp_path / "out", workers=1)
 
 
 def test_joint_batch_takes_pseudo_labels_from_the_table(tiny_raw, tmp_path):
@@ -187,14 +173,8 @@ def test_base_pseudo_label_joint_chain(tiny_raw, base_run, tmp_path, overrides):
 @pytest.mark.slow
 def test_two_processes_label_their_blocks_and_gather_the_whole_pool(tiny_raw, base_run, tmp_path):
     one = np.load(pseudo_label(base_run, tiny_raw, tmp_path / "one", loader="ffcv", batch_size=16, workers=1))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + (os.getpid() + 13) % 1000),
-           str(HERE / "scripts" / "pseudo_label_two_procs.py"), str(base_run), str(tiny_raw), str(tmp_path / "two")]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    launch_two_processes(HERE / "scripts" / "pseudo_label_two_procs.py", base_run, tiny_raw, tmp_path / "two",
+                         timeout=300)
     two = np.load(tmp_path / "two" / "pseudo_labels.npz")
     for key in ("position", "source_index", "label"):
         assert np.array_equal(one[key], two[key]), key

@@ -29,7 +29,9 @@ class LoaderBase(ABC):
 
     A subclass implements `_decoded(positions)`: an iterator over the epoch's batches, each a list of
     uint8 N x H x W x C tensors, one per view (raw sets: the same tensor for every view), in the order of
-    `positions` cut into `batch_size` chunks (the last one short for evaluation).
+    `positions` cut into `batch_size` chunks (the last one short for evaluation). A float32 tensor
+    instead is a view the backend already finished (normalized N x C x H x W on the device): stage 2,
+    which draws no random numbers for such a view, is skipped.
     """
     kind = ""
 
@@ -101,7 +103,8 @@ class LoaderBase(ABC):
     def _batch(self, decoded: list[torch.Tensor], positions: np.ndarray, generator) -> Batch:
         index = torch.from_numpy(positions).to(self.device, non_blocking=True)
         sizes = self._valid_sizes(positions)
-        views = tuple(augment.apply(self.stage2_spec(spec), x.to(self.device, non_blocking=True), generator,
+        views = tuple(x if x.is_floating_point() else
+                      augment.apply(self.stage2_spec(spec), x.to(self.device, non_blocking=True), generator,
                                     self.mean, self.std, self.channels_last, sizes=sizes)
                       for spec, x in zip(self.views, decoded))
         return Batch(views=views, labels=self._labels[index], indices=self._source_index[index])

@@ -51,7 +51,7 @@ class DaliLoader(LoaderBase):
             return [s.reshape(shape) for s in samples] if self.is_raw else samples
 
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.workers, prefetch_queue_depth=PREFETCH,
-                        device_id=(self.device.index or 0) if self.gpu else None,
+                        device_id=self._device_id(),
                         seed=derive_seed(self.seed, self.epoch, self.rank) % 2 ** 31)
         with pipe:
             encoded = fn.external_source(source=feed, batch=True, dtype=types.UINT8)
@@ -61,6 +61,12 @@ class DaliLoader(LoaderBase):
                 pipe.set_outputs(*(self._jpeg_view(encoded, view) for view in self.views))
         pipe.build()
         return pipe
+
+    def _device_id(self) -> int | None:
+        """None: a CPU-only pipeline."""
+        if not self.gpu:
+            return None
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def _jpeg_view(self, encoded, view: ViewSpec):
         device = "mixed" if self.gpu else "cpu"

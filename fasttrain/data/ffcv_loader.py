@@ -1,19 +1,26 @@
 """FFCV loader: the .beton read by `ffcv.loader.Loader` in our order (FFCV has no sampler API).
 
-Raw sets: `NDArrayDecoder` -> uint8 pixels; every view is made in stage 2. Jpeg sets: one FFCV pipeline
-per view on the same `image` field (`PipelineSpec(source='image')`), decoding with the view's
-RandomResizedCrop / center crop and flipping in FFCV's JIT-compiled, multi-threaded code.
+Raw sets: `NDArrayDecoder` -> uint8 pixels; every view is made in stage 2 (bit-identical to the other
+loaders). Jpeg sets: one FFCV pipeline per view on the same `image` field (`PipelineSpec(source='image')`)
+decoding with the view's RandomResizedCrop / center crop in FFCV's JIT-compiled threads, then:
+  - training on the CPU, view without color ops: `FlipNormalize` finishes the view inside FFCV (flip,
+    normalize, layout in one pass), so the main thread has nothing left to do;
+  - otherwise: FFCV's RandomHorizontalFlip, uint8 to the device, stage 2 there.
 Labels and source indices come from the split's meta arrays, so the label fields are not decoded.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import replace
+from typing import Callable, Iterator
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader
 from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
 from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
@@ -27,7 +34,7 @@ class EpochOrder(TraversalOrder):
     """Our per-epoch positions for FFCV. ffcv 1.0.2 takes a custom order as an instance and calls
     `order(loader)` on it, then `sample_order(epoch)` at every epoch."""
 
-    def __init__(self, positions_for_epoch):
+    def __init__(self, positions_for_epoch: Callable[[int], np.ndarray]):
         self.positions_for_epoch = positions_for_epoch
 
     def __call__(self, loader: Loader) -> EpochOrder:
@@ -36,6 +43,45 @@ class EpochOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:
         return self.positions_for_epoch(epoch)
+
+
+class FlipNormalize(Operation):
+    """uint8 N x H x W x C -> float32 (x - mean) / std, N x C x H x W (channels_last strides if asked),
+    each image flipped with probability 0.5 if `flip`: stage 2 of a view without color ops in one
+    parallel pass in FFCV's thread. Each batch is a new numpy-allocated array (numpy asks the kernel for
+    huge pages: far fewer page faults than torch.empty), so batches stay valid after the next one."""
+
+    def __init__(self, mean, std, flip: bool, channels_last: bool):
+        super().__init__()
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.flip_p, self.channels_last = 0.5 if flip else 0.0, channels_last
+
+    def generate_code(self) -> Callable:
+        def flip_normalize(images, _):
+            n, h, w, c = images.shape
+            if self.channels_last:
+                out = np.empty((n, h, w, c), np.float32).transpose(0, 3, 1, 2)
+            else:
+                out = np.empty((n, c, h, w), np.float32)
+            _flip_normalize(images, np.random.rand(n) < self.flip_p, self.mean, self.std, out)
+            return torch.from_numpy(out)
+
+        return flip_normalize
+
+    def declare_state_and_memory(self, previous_state: State):
+        h, w, c = previous_state.shape
+        return replace(previous_state, jit_mode=False, shape=(c, h, w), dtype=torch.float32), None
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _flip_normalize(images, flips, mean, std, out):
+    n, h, w, c = images.shape
+    for i in numba.prange(n):
+        for k in range(c):
+            for y in range(h):
+                for x in range(w):
+                    source_x = w - 1 - x if flips[i] else x
+                    out[i, k, y, x] = (np.float32(images[i, y, source_x, k]) - mean[k]) / std[k]
 
 
 class FfcvLoader(LoaderBase):
@@ -48,13 +94,18 @@ class FfcvLoader(LoaderBase):
             pipelines = {"image": [NDArrayDecoder(), ToTensor(), *to_device]}
         else:
             pipelines = {_output_name(i): PipelineSpec("image", decoder=_jpeg_decoder(view),
-                                                       transforms=[*_flip(view), ToTensor(), *to_device])
+                                                       transforms=self._jpeg_transforms(view, to_device))
                          for i, view in enumerate(self.views)}
         # Never distributed=True: the order is already this rank's shard.
         self.loader = Loader(str(self.files), batch_size=self.batch_size, num_workers=self.workers,
                              os_cache=True, order=EpochOrder(self.epoch_positions), drop_last=self.train,
                              pipelines={**pipelines, "label": None, "index": None},
                              batches_ahead=BATCHES_AHEAD)
+
+    def _jpeg_transforms(self, view: ViewSpec, to_device: list) -> list:
+        if self.device.type == "cpu" and not view.has_color_ops:
+            return [FlipNormalize(self.dataset.mean, self.dataset.std, view.flip, self.channels_last)]
+        return [*([RandomHorizontalFlip()] if view.flip else []), ToTensor(), *to_device]
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -63,7 +114,7 @@ class FfcvLoader(LoaderBase):
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         self.loader.next_epoch = self.epoch       # iterating twice replays the same epoch
         for outputs in self.loader:
-            # FFCV reuses its output buffers a few batches later; stage 2 copies before that.
+            # uint8 outputs live in FFCV's reused buffers: stage 2 copies them before the next batch.
             yield [outputs[0]] * len(self.views) if self.is_raw else list(outputs)
 
 
@@ -76,7 +127,3 @@ def _jpeg_decoder(view: ViewSpec):
     if view.crop == "rrc":
         return RandomResizedCropRGBImageDecoder(size, scale=view.scale, ratio=view.ratio)
     return CenterCropRGBImageDecoder(size, ratio=view.center_ratio)
-
-
-def _flip(view: ViewSpec) -> list:
-    return [RandomHorizontalFlip()] if view.flip else []

@@ -118,6 +118,7 @@ class MoCo(Method):
         return [augment.moco_v2(size), augment.moco_v2(size)]
 
     def build_model(self) -> nn.Module:
+        """The query encoder with a linear projection (whatever --head says), its key copy and the queue."""
         cfg = self.cfg
         encoder = build_model(cfg.arch, cfg.moco_dim, in_channels=self.dataset.channels, width=cfg.width)
         if cfg.moco_mlp:   # MoCo v2: fc = Linear(D, D) - ReLU - Linear(D, dim)

@@ -4,14 +4,16 @@ every image, no class label used. The backbone (`backbone.pt`) then initialises 
 (`--pretrained RUN/backbone.pt`, the head re-initialised).
 
 Each batch is turned into its four rotations on the device (4N images per step), as in Gidaris et al.
-Defaults of imbalanced-semi-self (`pretrain_rot.py`): ResNet-32, SGD lr 0.1, momentum 0.9, wd 2e-4,
-batch 128, 200 epochs, 5 warm-up epochs, lr x0.01 from epoch 160 (recipes/presets.py: ROTATION).
+Defaults (imbalanced-semi-self `pretrain_rot.py`): ResNet-32, SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128,
+200 epochs, 5 warm-up epochs, step decay from epoch 160 (recipes/presets.py: ROTATION).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..models import build_model
 from .base import Method
 
 
@@ -33,6 +35,12 @@ class Rotation(Method):
 
     def num_outputs(self) -> int:
         return 4
+
+    def build_model(self) -> nn.Module:
+        """A linear 4-way head whatever --head says: it is thrown away, and a cosine head (meant for the
+        classifier stage of the same recipe) would need a scaled loss to learn the rotations."""
+        cfg = self.cfg
+        return build_model(cfg.arch, 4, in_channels=self.dataset.channels, width=cfg.width)
 
     def loss(self, model, batch, epoch):
         images, targets = rotations(batch.images)

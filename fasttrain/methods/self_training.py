@@ -23,7 +23,6 @@ import torch
 from ..config import Config
 from ..data import build_loader
 from ..dataset import DatasetDir, DatasetError
-from ..losses import build_loss
 from ..models import build_model
 from .base import Method
 from .supervised import Supervised
@@ -37,6 +36,9 @@ def load_classifier(run: Path) -> tuple[torch.nn.Module, Config]:
     if not path.is_file() or not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run}: no model.pt / config.yaml; pseudo-labels need a finished supervised run")
     saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("method") in ("rotation", "moco"):
+        raise ValueError(f"{run} is a {saved['method']} (self-supervised) run, not a classifier; pseudo-label "
+                         f"with a supervised run")
     model = build_model(saved["arch"], saved["num_classes"], in_channels=saved["in_channels"],
                         width=saved["width"], head=saved["head"])
     model.load_state_dict(saved["state_dict"])
@@ -146,10 +148,7 @@ class SelfTraining(Supervised):
                              f"lower --pseudo-threshold or --pseudo-share")
         counts = (np.asarray(self.dataset.split(cfg.train_split).class_counts)
                   + np.bincount(table["label"][keep], minlength=num_classes))
-        self.criterion = build_loss(cfg.loss, counts, reweight=cfg.reweight, drw_epoch=cfg.drw_epoch,
-                                    cb_beta=cfg.cb_beta, focal_gamma=cfg.focal_gamma,
-                                    ldam_max_margin=cfg.ldam_max_margin, ldam_scale=cfg.ldam_scale,
-                                    la_tau=cfg.la_tau).to(engine.device)
+        self.criterion = self.build_criterion(counts, engine.device)
         self.pseudo_loader = engine.build_loader("unlabeled", views=self.views(train=True), train=True,
                                                  sampler=cfg.sampler, batch_size=pseudo_batch,
                                                  sampling_labels=table["label"], positions=keep)

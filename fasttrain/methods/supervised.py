@@ -12,15 +12,17 @@ class Supervised(Method):
     name = "supervised"
 
     def setup(self, engine) -> None:
+        self.criterion = self.build_criterion(self.dataset.split(self.cfg.train_split).class_counts, engine.device)
+
+    def build_criterion(self, class_counts, device):
+        """The configured long-tail loss; `class_counts` set LDAM margins and class-balanced weights."""
         cfg = self.cfg
         if cfg.head == "cosine" and cfg.loss != "ldam":
             raise ValueError(f"--head cosine gives cosines in [-1, 1] that only LDAM scales (x{cfg.ldam_scale}); "
                              f"use --head linear with --loss {cfg.loss}, or --loss ldam")
-        counts = self.dataset.split(cfg.train_split).class_counts
-        self.criterion = build_loss(cfg.loss, counts, reweight=cfg.reweight, drw_epoch=cfg.drw_epoch,
-                                    cb_beta=cfg.cb_beta, focal_gamma=cfg.focal_gamma,
-                                    ldam_max_margin=cfg.ldam_max_margin, ldam_scale=cfg.ldam_scale,
-                                    la_tau=cfg.la_tau).to(engine.device)
+        return build_loss(cfg.loss, class_counts, reweight=cfg.reweight, drw_epoch=cfg.drw_epoch,
+                          cb_beta=cfg.cb_beta, focal_gamma=cfg.focal_gamma, ldam_max_margin=cfg.ldam_max_margin,
+                          ldam_scale=cfg.ldam_scale, la_tau=cfg.la_tau).to(device)
 
     def loss(self, model, batch, epoch):
         loss = self.criterion(model(batch.images), batch.labels, epoch)
