@@ -33,7 +33,8 @@ def build_loader(dataset: DatasetDir, split: str, *, kind: str, batch_size: int,
     """A loader of `split` yielding `Batch`es on `device` (see DESIGN.md for every argument).
 
     train=True: sampler order for (seed, epoch), sharded over ranks, drop_last. train=False: sequential,
-    rank r reads block r, every sample exactly once. `workers` defaults to the usable CPU cores.
+    rank r reads block r, every sample exactly once. `workers`: threads (ffcv, dali, device) or worker
+    processes (torch) of the backend; None or 0 = every usable CPU core.
     The backend (ffcv, nvidia.dali) is imported only when its kind is asked for.
     """
     if kind not in KINDS:

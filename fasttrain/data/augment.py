@@ -8,6 +8,8 @@ Stage 1 (the backend: FFCV, DALI, PIL) decodes; for jpeg sets it also does the s
 
 All random parameters are drawn from a CPU `torch.Generator` in that order (only for the ops a view has)
 and then moved to the device, so a batch is a pure function of (input, generator state) on any device.
+A view whose stage 2 is only normalization draws nothing, so a backend may finish it itself (the FFCV
+loader does on the CPU).
 """
 from __future__ import annotations
 
@@ -157,17 +159,15 @@ class _Draws:
 
 
 def _pad_crop(x: torch.Tensor, pad: int, draw: _Draws, flip: torch.Tensor | None) -> torch.Tensor:
-    """Zero-pad by `pad`, take a random H x W window per image (flipped where `flip`): one uint8 gather."""
-    n, h, w, _ = x.shape
+    """Zero-pad by `pad`, take a random H x W window per image (one gather from a strided view of all
+    windows), mirror it where `flip`."""
+    n, h, w, c = x.shape
     padded = F.pad(x, (0, 0, pad, pad, pad, pad))
-    dy, dx = (torch.randint(0, 2 * pad + 1, (2, n), generator=draw.gen)).to(x.device)
-    cols = torch.arange(w, device=x.device).expand(n, w)
-    if flip is not None:
-        cols = torch.where(flip.view(-1, 1), cols.flip(1), cols)
-    rows = dy.view(-1, 1) + torch.arange(h, device=x.device)
-    cols = dx.view(-1, 1) + cols
-    batch = torch.arange(n, device=x.device).view(-1, 1, 1)
-    return padded[batch, rows.view(n, h, 1), cols.view(n, 1, w)]
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=draw.gen).to(x.device)
+    sn, sh, sw, sc = padded.stride()
+    windows = padded.as_strided((n, 2 * pad + 1, 2 * pad + 1, h, w, c), (sn, sh, sw, sh, sw, sc))
+    out = windows[torch.arange(n, device=x.device), dy, dx]
+    return out if flip is None else torch.where(flip.view(-1, 1, 1, 1), out.flip(2), out)
 
 
 def _rrc_boxes(sizes: torch.Tensor, scale, ratio, draw: _Draws, attempts: int = 10) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 from fasttrain.data import augment
 from fasttrain.data.augment import ViewSpec
 from fasttrain.data.batch import Batch
-from fasttrain.data.sampling import SAMPLERS, epoch_order, shard_eval, shard_train
-from fasttrain.dataset import DatasetDir
+from fasttrain.data.sampling import SAMPLERS, check_rank, epoch_order, shard_eval, shard_train
+from fasttrain.data.shards import ShardReader
+from fasttrain.dataset import DatasetDir, DatasetError
 
 
 def default_workers() -> int:
@@ -45,6 +46,7 @@ class LoaderBase(ABC):
             raise ValueError("views is empty: pass at least one ViewSpec (e.g. augment.small_train())")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; pick one of {SAMPLERS}")
+        check_rank(rank, world_size)
         self.dataset, self.split = dataset, dataset.split(split)
         self.files = dataset.require_files(split, self.kind)
         n = self.split.num_samples
@@ -58,7 +60,7 @@ class LoaderBase(ABC):
         self.batch_size, self.views, self.train, self.sampler = batch_size, list(views), train, sampler
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device, self.channels_last = torch.device(device), channels_last
-        self.workers = workers or default_workers()
+        self.workers = workers or default_workers()         # None or 0: every usable core
         self.is_raw = dataset.is_raw
         if not self.is_raw and not all(v.resizes for v in self.views):
             raise ValueError("jpeg sets have images of different sizes: every view needs crop='rrc' or "
@@ -69,7 +71,6 @@ class LoaderBase(ABC):
         self._labels = torch.from_numpy(self.split.labels).to(self.device)
         self._source_index = torch.from_numpy(self.split.source_index).to(self.device)
         self.epoch = 0
-        shard_eval(1, rank, world_size)           # validates rank / world_size early
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -95,7 +96,7 @@ class LoaderBase(ABC):
         for start, decoded in zip(range(0, len(positions), self.batch_size), self._decoded(positions)):
             yield self._batch(decoded, positions[start:start + self.batch_size], generator)
 
-    def stage2_spec(self, view: ViewSpec) -> ViewSpec:
+    def _stage2_spec(self, view: ViewSpec) -> ViewSpec:
         """What stage 2 does for a view of this loader: everything on raw sets, the rest after the
         backend's crop and flip on jpeg sets."""
         return view if self.is_raw else view.after_decode()
@@ -104,10 +105,17 @@ class LoaderBase(ABC):
         index = torch.from_numpy(positions).to(self.device, non_blocking=True)
         sizes = self._valid_sizes(positions)
         views = tuple(x if x.is_floating_point() else
-                      augment.apply(self.stage2_spec(spec), x.to(self.device, non_blocking=True), generator,
+                      augment.apply(self._stage2_spec(spec), x.to(self.device, non_blocking=True), generator,
                                     self.mean, self.std, self.channels_last, sizes=sizes)
                       for spec, x in zip(self.views, decoded))
         return Batch(views=views, labels=self._labels[index], indices=self._source_index[index])
+
+    def _shard_reader(self) -> ShardReader:
+        reader = ShardReader(self.files)
+        if len(reader) != self.split.num_samples:
+            raise DatasetError(f"{self.files}: the shards hold {len(reader)} samples but manifest.json says "
+                               f"{self.split.num_samples}; re-run `python -m data_prep.convert`")
+        return reader
 
     @abstractmethod
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:

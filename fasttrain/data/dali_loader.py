@@ -3,7 +3,7 @@
 DALI's own readers shard and shuffle by themselves; to honour our sampler and rank sharding exactly,
 the encoded bytes of each batch are read from the memory-mapped tars (`shards.py`) in our order and fed
 to the pipeline. Jpeg sets decode with `fn.decoders.image_random_crop` (RandomResizedCrop) or
-`fn.decoders.image` + center crop, then resize and flip; on a CUDA device the decoding is `mixed`
+`fn.decoders.image` + shorter-side resize + center crop, then flip; on a CUDA device the decoding is `mixed`
 (nvJPEG) and everything after it runs on the GPU. Raw sets: the pixels are fed as they are.
 The pipeline is rebuilt each epoch (milliseconds) with a seed derived from (seed, epoch, rank).
 """
@@ -20,7 +20,6 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from fasttrain.data.augment import ViewSpec
 from fasttrain.data.base import LoaderBase, derive_seed
-from fasttrain.data.shards import ShardReader
 
 PREFETCH = 2
 
@@ -30,7 +29,7 @@ class DaliLoader(LoaderBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reader = ShardReader(self.files)
+        self.reader = self._shard_reader()
         self.gpu = self.device.type == "cuda"
 
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:

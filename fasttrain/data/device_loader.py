@@ -23,14 +23,14 @@ class DeviceLoader(LoaderBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        reader = ShardReader(self.files)
+        reader = self._shard_reader()
         if self.is_raw:
             images, self.sizes = reader.raw_images(self.image_shape), None
         else:
             images, self.sizes = _decode_all(reader, self.dataset.image["max_side"], self.workers)
         self.images = torch.from_numpy(images).to(self.device)
 
-    def stage2_spec(self, view):
+    def _stage2_spec(self, view):
         return view                   # crop and flip happen on the device for every set
 
     def _valid_sizes(self, positions: np.ndarray) -> torch.Tensor | None:

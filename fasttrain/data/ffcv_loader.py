@@ -3,10 +3,12 @@
 Raw sets: `NDArrayDecoder` -> uint8 pixels; every view is made in stage 2 (bit-identical to the other
 loaders). Jpeg sets: one FFCV pipeline per view on the same `image` field (`PipelineSpec(source='image')`)
 decoding with the view's RandomResizedCrop / center crop in FFCV's JIT-compiled threads, then:
-  - training on the CPU, view without color ops: `FlipNormalize` finishes the view inside FFCV (flip,
-    normalize, layout in one pass), so the main thread has nothing left to do;
+  - on a CPU device, a view without color ops: `FlipNormalize` finishes it inside FFCV (flip, normalize,
+    layout in one pass), so the main thread has nothing left to do;
   - otherwise: FFCV's RandomHorizontalFlip, uint8 to the device, stage 2 there.
-Labels and source indices come from the split's meta arrays, so the label fields are not decoded.
+FFCV's jpeg crops and flips come from numba's per-thread generators: unlike the other loaders', they are
+not a function of (seed, epoch, rank); the order is. Labels and source indices come from the split's
+meta arrays, so the label fields are not decoded. Note: FFCV sets torch.set_num_threads(workers).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class EpochOrder(TraversalOrder):
 class FlipNormalize(Operation):
     """uint8 N x H x W x C -> float32 (x - mean) / std, N x C x H x W (channels_last strides if asked),
     each image flipped with probability 0.5 if `flip`: stage 2 of a view without color ops in one
-    parallel pass in FFCV's thread. Each batch is a new numpy-allocated array (numpy asks the kernel for
+    parallel pass in FFCV's threads. Each batch is a new numpy-allocated array (numpy asks the kernel for
     huge pages: far fewer page faults than torch.empty), so batches stay valid after the next one."""
 
     def __init__(self, mean, std, flip: bool, channels_last: bool):
@@ -73,15 +75,20 @@ class FlipNormalize(Operation):
         return replace(previous_state, jit_mode=False, shape=(c, h, w), dtype=torch.float32), None
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(nogil=True, fastmath=True, parallel=True, cache=True)
 def _flip_normalize(images, flips, mean, std, out):
     n, h, w, c = images.shape
     for i in numba.prange(n):
         for k in range(c):
+            m, inv_std = mean[k], np.float32(1) / std[k]
             for y in range(h):
-                for x in range(w):
-                    source_x = w - 1 - x if flips[i] else x
-                    out[i, k, y, x] = (np.float32(images[i, y, source_x, k]) - mean[k]) / std[k]
+                row, dst = images[i, y, :, k], out[i, k, y]
+                if flips[i]:
+                    for x in range(w):
+                        dst[x] = (np.float32(row[w - 1 - x]) - m) * inv_std
+                else:
+                    for x in range(w):
+                        dst[x] = (np.float32(row[x]) - m) * inv_std
 
 
 class FfcvLoader(LoaderBase):

@@ -38,16 +38,16 @@ def epoch_order(labels: np.ndarray, sampler: str, seed: int, epoch: int) -> np.n
 
 def shard_train(order: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This rank's part of a training order: truncate to a multiple of world, then every world-th."""
-    _check_rank(rank, world)
+    check_rank(rank, world)
     return order[: len(order) // world * world][rank::world]
 
 
 def shard_eval(n: int, rank: int, world: int) -> np.ndarray:
     """This rank's contiguous block of 0..n-1; the blocks of all ranks cover every sample exactly once."""
-    _check_rank(rank, world)
+    check_rank(rank, world)
     return np.array_split(np.arange(n, dtype=np.int64), world)[rank]
 
 
-def _check_rank(rank: int, world: int) -> None:
+def check_rank(rank: int, world: int) -> None:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world})")

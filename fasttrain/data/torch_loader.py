@@ -72,14 +72,14 @@ class TorchLoader(LoaderBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.dataset_batches = ShardBatches(ShardReader(self.files), self.views, self.image_shape)
+        self.dataset_batches = ShardBatches(self._shard_reader(), self.views, self.image_shape)
         self.keys = EpochKeys()
         self.loader = DataLoader(self.dataset_batches, batch_sampler=self.keys, collate_fn=_as_is,
                                  num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=self.workers > 0)
+                                 persistent_workers=True)
 
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         self.keys.keys = [(derive_seed(self.seed, self.epoch, self.rank, b), positions[i:i + self.batch_size])
-                     for b, i in enumerate(range(0, len(positions), self.batch_size))]
+                          for b, i in enumerate(range(0, len(positions), self.batch_size))]
         for decoded in self.loader:
             yield decoded * len(self.views) if self.is_raw else decoded
