@@ -134,7 +134,14 @@ def _end(accelerator) -> None:
     accelerator.end_training()
 
 
-def _print(message: str) -> None:
+def process_state():
+    """Accelerate's process state, before any Accelerator exists. A bare `PartialState()` ignores
+    ACCELERATE_USE_CPU (only Accelerator reads it) and would pin a multi-CPU launch to one process."""
     from accelerate import PartialState
-    if PartialState().is_main_process:
+    from accelerate.utils import parse_flag_from_env
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _print(message: str) -> None:
+    if process_state().is_main_process:
         print(f"[fasttrain] {message}", flush=True)

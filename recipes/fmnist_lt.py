@@ -18,9 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import CIFAR  # noqa: E402
 
-from accelerate import PartialState  # noqa: E402
-
-from fasttrain.chain import Stage, run_chain  # noqa: E402
+from fasttrain.chain import Stage, process_state, run_chain  # noqa: E402
 from fasttrain.evaluate import plot_per_class  # noqa: E402
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -49,7 +47,7 @@ def main(argv=None) -> None:
         argv += ["--out", str(out)]
     if _value(argv, "--data") is None:
         data = out / "data"
-        state = PartialState()  # under `accelerate launch`, one process converts while the others wait
+        state = process_state()  # under `accelerate launch`, one process converts while the others wait
         if state.is_main_process and not (data / "manifest.json").exists():
             subprocess.run([sys.executable, "-m", "data_prep.convert", *CONVERT, "--out", str(data)], check=True)
         state.wait_for_everyone()

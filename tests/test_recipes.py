@@ -51,7 +51,12 @@ def test_fmnist_chain_one_process(tiny_raw, tmp_path):
 @pytest.mark.slow
 def test_fmnist_chain_two_processes(tiny_raw, tmp_path):
     out = tmp_path / "chain2"
-    launch_two_processes(ROOT / "recipes" / "fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", *TINY)
+    result = launch_two_processes(ROOT / "recipes" / "fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1",
+                                  *TINY)
+    log = result.stdout + result.stderr
+    # really distributed: one synchronised run of two ranks (not two independent single-process runs)
+    assert log.count("2 process(es)") == 4 and "1 process(es)" not in log
+    assert log.count("stage ce ->") == 1
     check_chain(out)
 
 
