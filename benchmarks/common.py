@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,40 +13,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def machine_info() -> dict:
+    """Where a number was measured: CPU, cores, GPU, load at the start, package versions."""
     import torch
-    info = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version(),
-            "cpu_cores": os.cpu_count(), "cpu_model": _cpu_model(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "load_average_at_start": os.getloadavg()[0]}
-    for name, module in (("ffcv", "ffcv"), ("nvidia-dali", "nvidia.dali"), ("accelerate", "accelerate")):
+    from importlib import metadata
+
+    def version(name):
         try:
-            info[name] = __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
-            info[name] = None
-    return info
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    packages = ("torch", "ffcv", "nvidia-dali-cuda120", "accelerate", "numpy", "numba", "pillow", "opencv-python")
+    return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_model": _cpu_model(),
+            "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "load_average_at_start": os.getloadavg()[0], "versions": {p: version(p) for p in packages}}
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
-def natural_images(n: int, rng: np.random.Generator, lo: int = 300, hi: int = 500) -> list[np.ndarray]:
-    """ImageNet-like RGB images, 300-500 px a side, about 90 KB as JPEG q90: smooth shapes + texture."""
+def natural_image(rng: np.random.Generator, lo: int = 300, hi: int = 500) -> np.ndarray:
+    """An ImageNet-like RGB image, 300-500 px a side: smooth colour structure plus sensor-like texture,
+    which makes it about 90 KB as a quality-90 JPEG (real photos' size)."""
     import cv2
-    images = []
-    for _ in range(n):
-        h, w = rng.integers(lo, hi + 1, 2)
-        small = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3), dtype=np.uint8)
-        img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.int16)
-        img += rng.normal(0, 18, (h, w, 3)).astype(np.int16)  # sensor-like texture sets the JPEG size
-        images.append(np.clip(img, 0, 255).astype(np.uint8))
-    return images
+    h, w = rng.integers(lo, hi + 1, 2)
+    small = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3), dtype=np.uint8)
+    img = cv2.resize(small, (int(w), int(h)), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    img += rng.normal(0, 18, (h, w, 3)).astype(np.int16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def natural_jpeg(rng: np.random.Generator, quality: int = 90) -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(natural_image(rng)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def save_bar_plot(values: dict[str, float], path: Path, title: str) -> None:

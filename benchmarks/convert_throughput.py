@@ -11,50 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
+from common import machine_info, natural_image  # noqa: E402  (benchmarks/common.py; puts the repo on sys.path)
 
 from data_prep.convert import write_dataset  # noqa: E402
 
-
-def photo_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Colour gradients plus noise at 32, 8, 3 and 1 px scales: JPEG sizes like real photos."""
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    img = rng.uniform(40, 200, 3) + rng.uniform(-60, 60, 3) * xx[..., None] + rng.uniform(-60, 60, 3) * yy[..., None]
-    for scale, amp in ((32, 40), (8, 25), (3, 28), (1, 14)):
-        noise = rng.normal(size=(h // scale + 2, w // scale + 2, 3)).astype(np.float32)
-        img = img + amp * np.stack([np.asarray(Image.fromarray(noise[..., c], "F").resize((w, h), Image.BICUBIC))
-                                    for c in range(3)], -1)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def machine_info(workers: int) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-
-    def version(*names):
-        for name in names:
-            try:
-                return metadata.version(name)
-            except metadata.PackageNotFoundError:
-                pass
-        return None
-
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "workers": workers, "python": platform.python_version(), "platform": platform.platform(),
-            "versions": {"numpy": np.__version__, "pillow": version("pillow"), "ffcv": version("ffcv"),
-                         "nvidia-dali": version("nvidia-dali", "nvidia-dali-cuda120", "nvidia-dali-cuda130"),
-                         "opencv": version("opencv-python", "opencv-python-headless")}}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -73,7 +41,7 @@ def main() -> None:
             h, w = rng.integers(300, 501, 2)
             paths.append(tmp / "src" / f"{i:05d}.JPEG")
             paths[-1].parent.mkdir(exist_ok=True)
-            Image.fromarray(photo_like(rng, int(h), int(w))).save(paths[-1], quality=90)
+            Image.fromarray(natural_image(rng)).save(paths[-1], quality=90)
         sizes = [p.stat().st_size for p in paths]
         labels = np.arange(args.n) % 10
         def convert(formats, n):
@@ -98,7 +66,7 @@ def main() -> None:
                       "sha256 checksums.",
               "n_images": args.n, "image_px": "300-500 per side",
               "mean_source_kb": round(float(np.mean(sizes)) / 1e3, 1),
-              "max_side": args.max_side, "jpeg_quality": 90, "machine": machine_info(args.workers),
+              "max_side": args.max_side, "jpeg_quality": 90, "workers": args.workers, "machine": machine_info(),
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -20,16 +20,13 @@ Writes JSON (machine, versions, settings, results, acceptance ratios) and a PNG 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
-import platform
 import random
 import resource
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +34,8 @@ import psutil
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
+
+from common import machine_info, natural_jpeg  # noqa: E402  (benchmarks/common.py)
 
 from data_prep.convert import write_dataset
 from fasttrain.data import augment, build_loader
@@ -46,20 +45,6 @@ KINDS = ("ffcv", "dali", "torch", "device")
 
 
 # ---------------------------------------------------------------- data
-
-
-def synth_jpeg(rng: np.random.Generator, quality: int = 90) -> bytes:
-    """An ImageNet-like JPEG: 300-500 px a side, smooth structure plus texture, ~90 KB."""
-    h, w = rng.integers(300, 501, size=2)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.empty((h, w, 3), np.float32)
-    for c in range(3):
-        fy, fx = rng.uniform(0.005, 0.05, 2)
-        img[..., c] = 128 + 80 * np.sin(fy * yy + rng.uniform(0, 6.3)) * np.cos(fx * xx)
-    img += rng.normal(0, 24, (h, w, 3)).astype(np.float32)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- torch_pil (torchvision's transforms)
@@ -235,22 +220,6 @@ def run_set(name: str, ds: DatasetDir, torch_dataset: Dataset, views, size, args
 # ---------------------------------------------------------------- report
 
 
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-
-    def version(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"cores": len(os.sched_getaffinity(0)), "cpu_model": cpu, "platform": platform.platform(),
-            "python": platform.python_version(),
-            "versions": {name: version(name) for name in ("torch", "ffcv", "nvidia-dali-cuda120", "numpy",
-                                                            "pillow", "numba", "opencv-python")}}
-
-
 def acceptance(results: dict) -> dict:
     """The issue's bars: fasttrain_ffcv >= 3x torch_pil and >= 0.9x ffcv_raw, in img/s; the same ratios
     in CPU time per image, which other load on the machine disturbs much less."""
@@ -297,7 +266,7 @@ def jpeg_set(root: Path, args, num_classes: int = 10):
     for i, label in enumerate(labels):
         path = root / "jpeg_files" / f"class_{label:02d}" / f"img_{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(synth_jpeg(rng))
+        path.write_bytes(natural_jpeg(rng))
         files.append(path)
     ds = DatasetDir(write_dataset(root / "jpeg", {"train": {"images": files, "labels": labels}},
                                   num_classes=num_classes, encoding="jpeg", max_side=256))

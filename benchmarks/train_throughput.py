@@ -47,8 +47,8 @@ def make_dataset(root: Path, n: int, size: int, encoding: str) -> Path:
     if encoding == "raw":
         images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     else:
-        from common import natural_images
-        images = natural_images(n, rng)
+        from common import natural_image
+        images = [natural_image(rng) for _ in range(n)]
     return write_dataset(root / f"bench_{encoding}", {"train": {"images": images, "labels": labels},
                                                        "test": {"images": images[:256], "labels": labels[:256]}},
                          num_classes=10, encoding=encoding, shard_size=1000)
