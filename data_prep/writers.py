@@ -143,6 +143,7 @@ class _FfcvItems:
 def write_ffcv(path: Path, store, labels: np.ndarray, index: np.ndarray, *, max_side: int,
                jpeg_quality: int, workers: int) -> None:
     """FFCV .beton with fields image, label, index (DESIGN.md)."""
+    import fasttrain.ffcv_import  # noqa: F401  (before ffcv: keeps torch's thread count)
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 

@@ -45,6 +45,8 @@ TABLE = [("CE", "ce"), ("CE + rotation SSP", "ce_rotation_ssp"), ("CE + self-tra
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        run_chain(STAGES, __doc__, argv)  # prints the help and exits, before any conversion
     out = Path(_value(argv, "--out") or _value(argv, "--resume") or "runs/fmnist_lt")
     if "--out" not in argv and "--resume" not in argv:
         argv += ["--out", str(out)]

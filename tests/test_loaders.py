@@ -289,3 +289,12 @@ def test_shard_reader_reads_index_version_1_1(raw, tmp_path):
         body = [" ".join(t for i, t in enumerate(line.split()) if i % 4 != 3) for line in lines[1:]]
         idx.write_text("\n".join([lines[0].replace("v1.2", "v1.1")] + body))
     assert np.array_equal(ShardReader(copy).raw_images((16, 16, 3)), images["train"])
+
+
+def test_importing_ffcv_keeps_torch_threads():
+    import subprocess
+    import sys
+    # a bare `import ffcv...` calls torch.set_num_threads(1) (ffcv.pipeline.compiler)
+    code = "import torch; torch.set_num_threads(2); import fasttrain.data.ffcv_loader; print(torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "2"

@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 import numba
 import numpy as np
 import torch
+
+import fasttrain.ffcv_import  # noqa: F401  (before ffcv: keeps torch's thread count)
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, NDArrayDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader
 from ffcv.pipeline import PipelineSpec
