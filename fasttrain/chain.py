@@ -28,9 +28,16 @@ class Stage:
     source: str = ""
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_args(p)
+def parser(description: str, defaults=None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The recipe's parser; `defaults` (the preset as a Config, or {stage: Config}) are the values --help shows."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "RECIPE.py"
+    epilog = epilog or (f"examples:\n  python recipes/{prog} --data DATA --out RUN --seed 1 --epochs 10\n"
+                        f"  accelerate launch recipes/{prog} --data DATA --out RUN --log-with tensorboard\n"
+                        f"  python recipes/{prog} --resume RUN          # continue an interrupted run")
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                usage="%(prog)s --data DIR --out RUN [--config FILE.yaml] [--KEY VALUE ...]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, defaults)
     return p
 
 
@@ -49,7 +56,7 @@ def user_errors(main):
 @user_errors
 def run_single(preset: dict, description: str, argv=None) -> str:
     """A one-stage recipe: defaults < preset < --config < flags; `--resume RUN` continues a run."""
-    args = parser(description).parse_args(argv)
+    args = parser(description, Config().update(preset, source="preset")).parse_args(argv)
     cfg = resolve(args, preset)
     from .engine import Engine
     engine = Engine(cfg)
@@ -60,11 +67,11 @@ def run_single(preset: dict, description: str, argv=None) -> str:
 
 @user_errors
 def run_chain(stages: list[Stage], description: str, argv=None) -> str:
-    p = parser(description)
-    p.add_argument("--stages", default=None, help="comma-separated subset of stages to run: "
-                   + ",".join(s.name for s in stages))
+    p = parser(description, {s.name: Config().update(s.preset, source=f"stage {s.name}") for s in stages})
+    p.add_argument("--stages", default=None, metavar="A,B", help="comma-separated subset of stages to run "
+                   "(default: all, in order: " + ",".join(s.name for s in stages) + ")")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                   help="override one config value of one stage (repeatable)")
+                   help="override one config value of one stage, e.g. --set ce.lr=0.05 (repeatable; default: none)")
     args = p.parse_args(argv)
     root = Path(args.resume or args.out or "")
     if not str(root):

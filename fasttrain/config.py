@@ -13,78 +13,92 @@ from typing import Any
 import yaml
 
 
+def opt(default, help: str, choices: tuple = ()):
+    """A Config field with its one-line help for `--help` (and, for a fixed set of values, the choices shown
+    there; the values themselves are checked where they are used)."""
+    meta = {"help": help, "choices": tuple(choices)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class Config:
     # data and run
-    data: str = ""                    # dataset directory written by data_prep.convert
-    out: str = ""                     # run directory
-    method: str = "supervised"        # supervised | crt | rotation | moco | self_training
-    loader: str = "ffcv"              # ffcv | dali | torch | device
-    workers: int = 0                  # loader threads/processes; 0 = all cores
-    train_split: str = "train"
-    eval_split: str = ""              # "" = test if present, else val
-    image_size: int = 224             # train crop for jpeg sets (raw sets keep their size)
-    eval_size: int = 224
-    seed: int = 0
+    data: str = opt("", "dataset directory written by data_prep.convert")
+    out: str = opt("", "run directory (config.yaml, metrics, checkpoints, model.pt)")
+    method: str = opt("supervised", "what is trained", ("supervised", "crt", "rotation", "moco", "self_training"))
+    loader: str = opt("ffcv", "input pipeline", ("ffcv", "dali", "torch", "device"))
+    workers: int = opt(0, "loader threads/processes; 0 = all cores")
+    train_split: str = opt("train", "split to train on")
+    eval_split: str = opt("", "split to evaluate on; empty = test if present, else val")
+    image_size: int = opt(224, "training crop size for jpeg sets (raw small-image sets keep their size)")
+    eval_size: int = opt(224, "evaluation crop size for jpeg sets")
+    seed: int = opt(0, "seed of the model init, the sample order and the augmentation")
 
     # model
-    arch: str = "resnet32"
-    width: float = 1.0                # resnet32 family only
-    head: str = "linear"              # linear | cosine
-    pretrained: str = ""              # backbone to start from (SSP output, MoCo or torchvision file)
+    arch: str = opt("resnet32", "network", ("resnet20", "resnet32", "resnet44", "resnet56", "resnet10", "resnet18",
+                                            "resnet50"))
+    width: float = opt(1.0, "channel width multiplier (resnet20/32/44/56 only)")
+    head: str = opt("linear", "classifier; cosine needs --loss ldam", ("linear", "cosine"))
+    pretrained: str = opt("", "backbone to start from (SSP backbone.pt, MoCo or torchvision file)")
 
     # optimisation
-    epochs: int = 200
-    batch_size: int = 128             # global, over all processes
-    lr: float = 0.1
-    lr_ref_batch: int = 0             # >0: lr is given for this batch size and scaled linearly
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 2e-4
-    schedule: str = "step"            # step | cosine | constant
-    warmup_epochs: int = 0
-    milestones: list = field(default_factory=list)     # step schedule: epochs ...
-    milestone_factors: list = field(default_factory=list)  # ... and the lr factor from each on
-    optimizer: str = "sgd"            # sgd | apex_lamb | apex_lars (NVIDIA apex, only when installed)
-    grad_accum: int = 1
-    precision: str = "no"             # no | bf16 | fp16
-    channels_last: bool = False
-    compile: bool = False
+    epochs: int = opt(200, "training epochs")
+    batch_size: int = opt(128, "global batch size, over all processes")
+    lr: float = opt(0.1, "peak learning rate")
+    lr_ref_batch: int = opt(0, ">0: --lr is given for this batch size and scaled linearly to --batch-size")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "Nesterov momentum")
+    weight_decay: float = opt(2e-4, "weight decay")
+    schedule: str = opt("step", "learning-rate schedule after the warm-up", ("step", "cosine", "constant"))
+    warmup_epochs: int = opt(0, "linear warm-up epochs")
+    milestones: list = opt([], "step schedule: epochs where the lr factor changes, comma-separated")
+    milestone_factors: list = opt([], "step schedule: lr factor from each milestone on, comma-separated")
+    optimizer: str = opt("sgd", "optimiser (apex_* need NVIDIA apex installed)", ("sgd", "apex_lamb", "apex_lars"))
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    precision: str = opt("no", "mixed precision", ("no", "bf16", "fp16"))
+    channels_last: bool = opt(False, "channels_last memory format")
+    compile: bool = opt(False, "torch.compile the model")
 
     # loss and re-balancing
-    loss: str = "ce"                  # ce | focal | ldam | balanced_softmax | logit_adjust
-    reweight: str = "none"            # none | cb | drw
-    drw_epoch: int = 160
-    cb_beta: float = 0.9999
-    focal_gamma: float = 1.0
-    ldam_max_margin: float = 0.5
-    ldam_scale: float = 30.0
-    la_tau: float = 1.0
-    sampler: str = "uniform"          # uniform | balanced | sqrt
+    loss: str = opt("ce", "loss", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
+    reweight: str = opt("none", "class re-weighting of the loss", ("none", "cb", "drw"))
+    drw_epoch: int = opt(160, "DRW: epoch where class-balanced weights start")
+    cb_beta: float = opt(0.9999, "class-balanced weights: beta of the effective number")
+    focal_gamma: float = opt(1.0, "focal loss gamma")
+    ldam_max_margin: float = opt(0.5, "LDAM: largest margin (of the rarest class)")
+    ldam_scale: float = opt(30.0, "LDAM: logit scale")
+    la_tau: float = opt(1.0, "logit adjustment: tau")
+    sampler: str = opt("uniform", "training sample order", ("uniform", "balanced", "sqrt"))
 
     # self-training (semi-supervised)
-    pseudo_labels: str = ""           # pseudo_labels.npz written by fasttrain.methods.self_training
-    pseudo_weight: float = 1.0        # weight of the pseudo-labeled loss
-    pseudo_share: float = 0.5         # share of each batch taken from the pseudo-labeled pool
-    pseudo_threshold: float = 0.0     # keep pseudo-labels with confidence >= this
+    pseudo_labels: str = opt("", "pseudo_labels.npz written by the pseudo-label stage")
+    pseudo_weight: float = opt(1.0, "weight of the pseudo-labeled loss")
+    pseudo_share: float = opt(0.5, "share of each batch taken from the pseudo-labeled pool")
+    pseudo_threshold: float = opt(0.0, "keep pseudo-labels with confidence >= this")
 
     # self-supervised pre-training
-    moco_dim: int = 128
-    moco_queue: int = 65536
-    moco_momentum: float = 0.999
-    moco_temperature: float = 0.2
-    moco_mlp: bool = True
-    moco_shuffle_groups: int = 8      # one process: shuffle BN emulated with this many sub-batches
+    moco_dim: int = opt(128, "MoCo: embedding dimension")
+    moco_queue: int = opt(65536, "MoCo: queue length")
+    moco_momentum: float = opt(0.999, "MoCo: key-encoder momentum")
+    moco_temperature: float = opt(0.2, "MoCo: softmax temperature")
+    moco_mlp: bool = opt(True, "MoCo v2: MLP projection head")
+    moco_shuffle_groups: int = opt(8, "MoCo on one process: shuffle BN emulated with this many sub-batches")
 
     # evaluation
-    many_threshold: int = 100         # many-shot: > this many training images
-    few_threshold: int = 20           # few-shot: < this many
-    eval_every: int = 1               # epochs; the last epoch is always evaluated
+    many_threshold: int = opt(100, "many-shot classes: more than this many training images")
+    few_threshold: int = opt(20, "few-shot classes: fewer than this many training images")
+    eval_every: int = opt(1, "evaluate every this many epochs (the last epoch always)")
 
     # run management
-    resume: str = ""                  # run directory to continue
-    stop_after_epochs: int = 0        # >0: end cleanly after this many epochs (requeue-friendly)
-    log_every: int = 50               # steps between progress-bar / jsonl step logs
+    resume: str = opt("", "run directory to continue from its last checkpoint")
+    stop_after_epochs: int = opt(0, ">0: end cleanly after this many epochs (for time-limited jobs that requeue)")
+    log_every: int = opt(50, "steps between progress-bar and tracker step logs")
+    log_with: str = opt("none", "experiment trackers (Accelerate's), comma-separated or all",
+                        ("none", "tensorboard", "wandb", "mlflow", "all"))
+    tracker_dir: str = opt("", "tracker files (TensorBoard events, wandb offline runs, mlflow store); "
+                               "empty = RUN/tracking")
 
     def effective_lr(self) -> float:
         return self.lr * self.batch_size / self.lr_ref_batch if self.lr_ref_batch > 0 else self.lr
@@ -119,14 +133,39 @@ def _parse_list(text: str) -> list:
     return [yaml.safe_load(v) for v in text.split(",") if v.strip()]
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """Every Config field becomes a flag (`--batch-size 256`); defaults are None = not given."""
-    parser.add_argument("--config", default=None, help="YAML file with config values")
+def add_config_args(parser: argparse.ArgumentParser, defaults: Config | dict[str, Config] | None = None) -> None:
+    """Every Config field becomes a flag (`--batch-size 256`) with its help line, its choices and its default
+    (`defaults`: the recipe's preset, so `--help` shows what the recipe would use; a chain gives one Config
+    per stage and values that differ are shown per stage). Parsed defaults are None (= not given), so
+    resolve() can tell a given flag from a default."""
+    per_stage = defaults if isinstance(defaults, dict) else {"": defaults or Config()}
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="YAML file with config values (below --resume and the flags, above the preset)")
+    group = parser.add_argument_group("config values (any of them can also be set in --config FILE.yaml)")
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
         kind = type(Config().__getattribute__(f.name))
         parse = {bool: _parse_bool, list: _parse_list}.get(kind, kind)
-        parser.add_argument(flag, dest=f.name, type=parse, default=None, metavar=kind.__name__.upper())
+        choices = f.metadata.get("choices") or (("true", "false") if kind is bool else ())
+        metavar = ("{" + ",".join(choices) + "}" if choices else _PATH_METAVARS.get(f.name)
+                   or {list: "A,B,...", int: "N", float: "X"}.get(kind, "STR"))
+        values = {stage: _show(getattr(cfg, f.name)) for stage, cfg in per_stage.items()}
+        shown = (next(iter(values.values())) if len(set(values.values())) == 1
+                 else ", ".join(f"{stage}: {v}" for stage, v in values.items()))
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=parse, default=None,
+                           metavar=metavar, help=help_text)
+
+
+_PATH_METAVARS = {"data": "DIR", "out": "RUN", "resume": "RUN", "pretrained": "FILE", "pseudo_labels": "FILE",
+                  "tracker_dir": "DIR"}
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "empty" if value == "" else str(value)
 
 
 def resolve(args: argparse.Namespace, preset: dict | None = None) -> Config:
@@ -139,7 +178,7 @@ def resolve(args: argparse.Namespace, preset: dict | None = None) -> Config:
                                     f"directory?")
         cfg = Config.load(saved)
         # on resume only run-management flags may change; anything else would silently change the run
-        allowed = {"resume", "stop_after_epochs", "workers", "log_every", "out"}
+        allowed = {"resume", "stop_after_epochs", "workers", "log_every", "out", "log_with", "tracker_dir"}
         changed = {k for k, v in flags.items() if k not in allowed and getattr(cfg, k) != v}
         if changed:
             raise ValueError(f"--resume {flags['resume']}: cannot change {sorted(changed)} of a saved run "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from .config import Config
@@ -26,6 +26,7 @@ from .dataset import DatasetDir, DatasetError
 from .evaluate import evaluate, write_report
 from .methods import method_class
 from .models import load_pretrained
+from . import tracking
 
 CHECKPOINT_FORMAT = 1
 
@@ -36,8 +37,11 @@ class Engine:
             raise ValueError("give a run directory with --out RUN_DIR")
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
+        self.trackers = tracking.tracker_names(cfg.log_with)
         self.accelerator = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
-                                       step_scheduler_with_optimizer=False)
+                                       step_scheduler_with_optimizer=False, log_with=self.trackers or None,
+                                       project_config=ProjectConfiguration(str(self.run_dir),
+                                                                           str(tracking.tracker_dir(cfg))))
         acc = self.accelerator
         self.device = acc.device
         self.is_main = acc.is_main_process
@@ -85,6 +89,11 @@ class Engine:
                             world_size=acc.num_processes, device=self.device, channels_last=self.cfg.channels_last,
                             workers=self.cfg.workers)
 
+    def track(self, values: dict, step: int) -> None:
+        """Send scalars to the experiment trackers (--log-with; main process only), at global step `step`."""
+        if self.trackers:
+            self.accelerator.log(values, step=step)
+
     def log(self, message: str) -> None:
         if self.is_main:
             tqdm.write(f"[fasttrain] {message}")
@@ -124,6 +133,7 @@ class Engine:
         if cfg.resume:
             self.resume()
         first = self.state["epoch"]
+        tracking.start(acc, cfg, self.trackers, self.state["step"])
         self.log(f"{cfg.method} | {cfg.arch} | {acc.num_processes} process(es) on {self.device} | "
                  f"{len(self.train_loader)} batches/epoch | epochs {first}..{cfg.epochs - 1} | loader {cfg.loader}")
         for epoch in range(first, cfg.epochs):
@@ -138,11 +148,13 @@ class Engine:
                     self.state["epoch"] = epoch + 1
                     self.save_checkpoint("best")
             self.state["epoch"] = epoch + 1
+            self.track(tracking.epoch_values(logs, epoch), self.state["step"])
             self.write_jsonl(logs | {"epoch": epoch})
             self.save_checkpoint("last")
             if cfg.stop_after_epochs and epoch + 1 - first >= cfg.stop_after_epochs and not last:
                 self.log(f"stopped after {cfg.stop_after_epochs} epoch(s) at epoch {epoch + 1}/{cfg.epochs}; "
                          f"continue with --resume {self.run_dir}")
+                tracking.finish(acc)
                 return "stopped"
         self.finish()
         return "done"
@@ -172,7 +184,9 @@ class Engine:
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             images += self.per_process_batch  # every image of the step (self-training: labeled + pseudo)
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
-                bar.set_postfix(loss=f"{(sums['loss'] / (i + 1)).item():.4f}", lr=f"{lr:.4g}")
+                loss_so_far = (sums['loss'] / (i + 1)).item()
+                bar.set_postfix(loss=f"{loss_so_far:.4f}", lr=f"{lr:.4g}")
+                self.track({"train/loss": loss_so_far, "train/lr": lr}, self.state["step"])
             bar.update(1)
         bar.close()
         self.sync_buffers()
@@ -258,6 +272,7 @@ class Engine:
                                                                 "best_epoch": self.state["best_epoch"]},
                              self.last_confusion, counts, self.dataset.class_names)
             (self.run_dir / "DONE").write_text(json.dumps(self.state))
+        tracking.finish(acc)
         acc.wait_for_everyone()
         self.log(f"finished {self.run_dir}")
 
