@@ -92,3 +92,113 @@ def plot_per_class(per_class: dict[str, list], train_counts, path: Path, class_n
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------
+# python -m fasttrain.evaluate: evaluate a saved model (RUN/model.pt) on a dataset's test or val split.
+EPILOG = """examples:
+  python -m fasttrain.evaluate --data data/cifar10_lt_r100 --checkpoint runs/ce/model.pt
+  fasttrain-evaluate --data data/imagenet_lt --checkpoint runs/in_ce/model.pt --split val --loader dali --out runs/in_ce/val
+  accelerate launch -m fasttrain.evaluate --data data/imagenet_lt --checkpoint runs/in_ce/model.pt
+
+Writes OUT/metrics.json (top-1, top-5, many/medium/few-shot, per-class), OUT/confusion.npy and
+OUT/per_class.png, as training does. The model's settings (arch, width, head, eval crop, shot thresholds)
+come from the checkpoint and from the config.yaml of its run directory, when present."""
+
+
+def parse_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m fasttrain.evaluate", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Evaluate a trained model: the same metrics.json, confusion.npy and "
+                                            "per_class.png as a training run writes. Runs under `python` (one "
+                                            "process) and `accelerate launch` (each process evaluates its part of "
+                                            "the split; every image once).")
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset directory written by data_prep.convert")
+    p.add_argument("--checkpoint", required=True, metavar="RUN/model.pt",
+                   help="model.pt written at the end of training (or its run directory)")
+    p.add_argument("--split", default=None, metavar="{test,val}",
+                   help="split to evaluate (default: the run's eval split; else test if present, else val)")
+    p.add_argument("--loader", default=None, choices=("ffcv", "dali", "torch", "device"),
+                   help="input pipeline (default: the run's --loader, else ffcv)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per process (default: 256)")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="loader workers; 0 = all cores (default: 0)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where to write the results (default: RUN/eval_SPLIT next to the checkpoint)")
+    return p.parse_args(argv)
+
+
+def evaluate_checkpoint(data, checkpoint, *, split=None, loader=None, batch_size=256, workers=0, out=None,
+                        accelerator=None) -> tuple[dict, Path]:
+    """Load RUN/model.pt, evaluate it on `split` of `data`, write the report into `out`; returns
+    (metrics, out). Shot groups use the run's own training class counts (from its metrics.json) when known."""
+    from accelerate import Accelerator
+
+    from .config import Config
+    from .data import build_loader
+    from .dataset import DatasetDir, DatasetError
+    from .methods.base import Method
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "model.pt"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: not found; give the model.pt of a finished run")
+    run_dir = checkpoint.parent
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or "state_dict" not in saved or "arch" not in saved:
+        raise ValueError(f"--checkpoint {checkpoint}: not a fasttrain model.pt (no arch/state_dict); for an "
+                         f"accelerate checkpoint directory give the run's model.pt instead")
+    cfg = Config.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else Config()
+    cfg = cfg.update({"data": str(data), "arch": saved["arch"], "width": saved.get("width", cfg.width),
+                      "head": saved.get("head", cfg.head)})
+    dataset = DatasetDir(data)
+    if saved["num_classes"] != dataset.num_classes:
+        raise DatasetError(f"--checkpoint {checkpoint} classifies {saved['num_classes']} classes but {data} has "
+                           f"{dataset.num_classes} (method {saved.get('method', '?')}); give the matching --data")
+    split = split or cfg.eval_split or dataset.eval_split()
+    dataset.split(split)  # a clear error when the dataset has no such split
+    acc = accelerator or Accelerator(mixed_precision=cfg.precision)
+    method = Method(cfg, dataset)
+    model = method.build_model()
+    model.load_state_dict(saved["state_dict"])
+    model = model.to(acc.device)
+    eval_loader = build_loader(dataset, split, kind=loader or cfg.loader, batch_size=batch_size,
+                               views=method.views(train=False), train=False, rank=acc.process_index,
+                               world_size=acc.num_processes, device=acc.device, channels_last=cfg.channels_last,
+                               workers=workers)
+    run_metrics = run_dir / "metrics.json"
+    counts = (json.loads(run_metrics.read_text()).get("train_class_counts") if run_metrics.is_file() else None) \
+        or dataset.split(cfg.train_split).class_counts
+    with acc.autocast():
+        metrics, confusion = evaluate(model, eval_loader, dataset.num_classes, counts, acc,
+                                      many=cfg.many_threshold, few=cfg.few_threshold)
+    out = Path(out) if out else run_dir / f"eval_{split}"
+    metrics.update(split=split, checkpoint=str(checkpoint), data=str(data))
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(out, metrics, confusion, counts, dataset.class_names)
+    acc.wait_for_everyone()
+    return metrics, out
+
+
+def main(argv=None) -> int:
+    import sys
+    args = parse_args(argv)
+    try:
+        metrics, out = evaluate_checkpoint(args.data, args.checkpoint, split=args.split, loader=args.loader,
+                                           batch_size=args.batch_size, workers=args.workers, out=args.out)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # DatasetError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"{metrics['split']}: top1 {fmt(metrics['top1'])} top5 {fmt(metrics['top5'])} many {fmt(metrics['many'])} "
+              f"medium {fmt(metrics['medium'])} few {fmt(metrics['few'])} ({metrics['num_eval_images']} images); "
+              f"wrote {out}/metrics.json, confusion.npy, per_class.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
