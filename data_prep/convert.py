@@ -310,11 +310,22 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+EPILOG = """examples (also as `fasttrain-convert ...`):
+  python -m data_prep.convert --source fmnist --root /usr/share/datasets/fashion-mnist --rho 100 --rho-u 100 \\
+      --max-per-class 1000 --out data/fmnist_lt
+  python -m data_prep.convert --source cifar10 --root cifar-10-batches-py --rho 100 \\
+      --unlabeled-file ti_80M_selected.pickle --rho-u 1 --out data/cifar10_lt_r100"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the examples kept as written."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from data_prep.longtail import PROFILES
     from data_prep.sources import SOURCES
     p = argparse.ArgumentParser(prog="python -m data_prep.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter, epilog=EPILOG)
     p.add_argument("--source", required=True, help=f"one of {', '.join(SOURCES)}")
     p.add_argument("--root", required=True, type=Path, help="source directory in its original on-disk format")
     p.add_argument("--out", required=True, type=Path, help="output dataset directory")

@@ -62,7 +62,7 @@ class Config:
     compile: bool = opt(False, "torch.compile the model")
 
     # loss and re-balancing
-    loss: str = opt("ce", "loss", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
+    loss: str = opt("ce", "training loss", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
     reweight: str = opt("none", "class re-weighting of the loss", ("none", "cb", "drw"))
     drw_epoch: int = opt(160, "DRW: epoch where class-balanced weights start")
     cb_beta: float = opt(0.9999, "class-balanced weights: beta of the effective number")

@@ -1,0 +1,67 @@
+"""--help is useful on its own: every Config flag has a help line with its choices and its default (a
+recipe shows its preset's value), every command shows an example; the console scripts are the
+`python -m` commands."""
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from fasttrain.chain import parser
+from fasttrain.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_config_field_has_help_text():
+    missing = [f.name for f in fields(Config) if len(f.metadata.get("help", "").strip()) < 5]
+    assert not missing, f"Config fields without help text (use opt(default, 'help', choices)): {missing}"
+
+
+def flag_help(text: str, flag: str) -> str:
+    """The help entry of one flag, joined onto one line."""
+    match = re.search(rf"^  {re.escape(flag)} (.*?)(?=^  -|\Z)", text, re.M | re.S)
+    assert match, f"{flag} not in the help"
+    return " ".join(match.group(1).split())
+
+
+def test_help_shows_choices_and_the_presets_values():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from presets import IMAGENET
+    text = parser("desc", Config().update(IMAGENET)).format_help()
+    assert "{ffcv,dali,torch,device}" in flag_help(text, "--loader")
+    assert flag_help(text, "--arch").endswith("(default: resnet50)")
+    assert "(default: 512)" in flag_help(text, "--batch-size")
+    assert "(default: true)" in flag_help(text, "--channels-last")
+    assert "(default: cosine)" in flag_help(text, "--schedule")
+    chain = parser("desc", {"ssp": Config(method="rotation"), "ce": Config(milestones=[160, 180])}).format_help()
+    assert "(default: ssp: rotation, ce: supervised)" in flag_help(chain, "--method")
+    assert "(default: ssp: none, ce: 160,180)" in flag_help(chain, "--milestones")
+
+
+@pytest.mark.slow
+def test_a_recipes_help_shows_its_preset():
+    r = subprocess.run([sys.executable, "recipes/supervised_imagenet_lt.py", "--help"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert flag_help(r.stdout, "--arch").endswith("(default: resnet50)") and "examples:" in r.stdout
+    assert "STR " not in r.stdout.split("config values")[1].split("--data")[0]
+
+
+@pytest.mark.parametrize("name", ["fasttrain-convert", "fasttrain-evaluate", "fasttrain-report"])
+def test_console_scripts_are_the_module_commands_and_show_examples(name, capsys):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts[name].partition(":")
+    assert function == "main"
+    source = (ROOT / Path(*module.split("."))).with_suffix(".py").read_text()
+    assert re.search(r'if __name__ == "__main__":\n\s+(raise SystemExit|sys.exit)\(main\(\)\)', source)
+    with pytest.raises(SystemExit) as stop:
+        getattr(importlib.import_module(module), function)(["--help"])
+    assert stop.value.code == 0
+    assert "examples" in capsys.readouterr().out
