@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 from pathlib import Path
 
 # tracker -> (module that must import, pip package)
@@ -64,8 +65,7 @@ def start(accelerator, cfg, names: list[str], step: int) -> None:
     known = json.loads(ids.read_text()) if ids.exists() else {}
     kwargs = {"tensorboard": {"purge_step": step + 1} if step else {}}
     if "wandb" in names:
-        import wandb
-        known.setdefault("wandb", wandb.util.generate_id())
+        known.setdefault("wandb", secrets.token_hex(4))  # the run's id; a resumed run reopens it
         kwargs["wandb"] = {"name": run_name, "id": known["wandb"], "resume": "allow", "dir": str(directory)}
     if "mlflow" in names:
         import mlflow

@@ -75,3 +75,17 @@ def test_missing_tracker_package_is_one_clear_error(monkeypatch):
         tracking.tracker_names("tensorbord")
     assert tracking.tracker_names("none") == [] and tracking.tracker_names("tensorboard") == ["tensorboard"]
     assert "mlflow" not in tracking.tracker_names("all")
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_is_reopened_on_resume(tiny_raw, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    assert fit(tiny_raw, out, epochs=2, stop_after_epochs=1, log_with="wandb") == "stopped"
+    run_id = json.loads((out / "tracking" / "run_ids.json").read_text())["wandb"]
+    assert fit(tiny_raw, out, epochs=2, resume=str(out), log_with="wandb") == "done"
+    attempts = sorted((out / "tracking" / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(f"-{run_id}") for a in attempts)   # one run, two attempts
+    assert all((a / f"run-{run_id}.wandb").stat().st_size > 0 for a in attempts)
