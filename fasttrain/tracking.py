@@ -9,6 +9,8 @@ epoch is evaluated, `eval/top1`, `eval/top5`, `eval/many`, `eval/medium`, `eval/
 the global optimiser step, which a resumed run continues. The resolved config is stored as hyper-parameters.
 A resumed run continues the same curves: TensorBoard drops what the interrupted attempt logged after its
 last checkpoint (purge_step); wandb and MLflow reopen the same run (its id is kept in the tracker directory).
+Files: TensorBoard events in TRACKER_DIR/fasttrain, wandb runs in TRACKER_DIR/wandb (WANDB_MODE=offline for
+no network), MLflow in TRACKER_DIR/mlflow.db (SQLite) unless MLFLOW_TRACKING_URI names a server.
 """
 from __future__ import annotations
 
@@ -69,9 +71,10 @@ def start(accelerator, cfg, names: list[str], step: int) -> None:
         kwargs["wandb"] = {"name": run_name, "id": known["wandb"], "resume": "allow", "dir": str(directory)}
     if "mlflow" in names:
         import mlflow
-        if "MLFLOW_TRACKING_URI" not in os.environ:  # default: a file store in the tracker directory
-            mlflow.set_tracking_uri((directory / "mlruns").resolve().as_uri())
-        kwargs["mlflow"] = {"run_name": run_name, "run_id": known.get("mlflow")}
+        if "MLFLOW_TRACKING_URI" not in os.environ:  # default: an SQLite store in the tracker directory
+            mlflow.set_tracking_uri(f"sqlite:///{(directory / 'mlflow.db').resolve()}")
+        kwargs["mlflow"] = {"run_name": run_name, "run_id": known.get("mlflow"),
+                            "logging_dir": str((directory / "mlartifacts").resolve())}
     accelerator.init_trackers(PROJECT, config=hparams(cfg) if not step else None, init_kwargs=kwargs)
     if "mlflow" in names and "mlflow" not in known:
         known["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id

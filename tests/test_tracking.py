@@ -78,14 +78,27 @@ def test_missing_tracker_package_is_one_clear_error(monkeypatch):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_is_reopened_on_resume(tiny_raw, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def test_wandb_offline_and_mlflow_reopen_the_same_run_on_resume(tiny_raw, tmp_path, monkeypatch):
+    import importlib.util
+    names = [n for n, module in (("wandb", "wandb"), ("mlflow", "alembic")) if importlib.util.find_spec(module)]
+    if not names:
+        pytest.skip("neither wandb nor mlflow (with its database backend) is installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
-    assert fit(tiny_raw, out, epochs=2, stop_after_epochs=1, log_with="wandb") == "stopped"
-    run_id = json.loads((out / "tracking" / "run_ids.json").read_text())["wandb"]
-    assert fit(tiny_raw, out, epochs=2, resume=str(out), log_with="wandb") == "done"
-    attempts = sorted((out / "tracking" / "wandb").glob("offline-run-*"))
-    assert len(attempts) == 2 and all(a.name.endswith(f"-{run_id}") for a in attempts)   # one run, two attempts
-    assert all((a / f"run-{run_id}.wandb").stat().st_size > 0 for a in attempts)
+    assert fit(tiny_raw, out, epochs=2, stop_after_epochs=1, log_with=",".join(names)) == "stopped"
+    ids = json.loads((out / "tracking" / "run_ids.json").read_text())
+    assert fit(tiny_raw, out, epochs=2, resume=str(out), log_with=",".join(names)) == "done"
+    assert json.loads((out / "tracking" / "run_ids.json").read_text()) == ids
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if "wandb" in names:   # one run id, two offline attempts to sync into it
+        attempts = sorted((out / "tracking" / "wandb").glob("offline-run-*"))
+        assert len(attempts) == 2 and all(a.name.endswith(f"-{ids['wandb']}") for a in attempts)
+        assert all((a / f"run-{ids['wandb']}.wandb").stat().st_size > 0 for a in attempts)
+    if "mlflow" in names:  # one MLflow run holds both epochs, and the config as parameters
+        import mlflow
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{(out / 'tracking' / 'mlflow.db').resolve()}")
+        history = client.get_metric_history(ids["mlflow"], "eval/top1")
+        assert [(m.step, m.value) for m in history] == [(5, records[0]["eval_top1"]), (10, records[1]["eval_top1"])]
+        assert client.get_run(ids["mlflow"]).data.params["lr"] == "0.05"
