@@ -26,8 +26,8 @@ import yaml
 METRICS = ("top1", "many", "medium", "few", "epoch")
 BLOCKS = ("final", "best")
 # config keys that do not change what a run computes: runs differing only in these (and the seed) are repeats
-NOT_THE_SETTING = {"seed", "out", "resume", "workers", "log_every", "stop_after_epochs", "pretrained",
-                   "pseudo_labels", "tracker_dir", "log_with"}
+NOT_THE_SETTING = {"seed", "out", "resume", "workers", "log_every", "stop_after_epochs", "tracker_dir", "log_with"}
+SEED_PATHS = {"pretrained", "pseudo_labels"}   # compared with a seed in the path dropped
 
 
 class ReportError(ValueError):
@@ -196,20 +196,25 @@ def expand(paths: list) -> list[tuple[str, Path]]:
 
 
 def group_by_setting(runs: list[tuple[str, Path]]) -> dict[str, list[Path]]:
-    """Runs whose config.yaml is the same apart from seed / out / resume (and other bookkeeping keys) are one
-    row, seeds in order; the row takes the label of its first run with the seed suffix dropped."""
-    groups: dict[str, tuple[str, list]] = {}
+    """Runs whose config.yaml is the same apart from the seed and bookkeeping (out, resume, workers, log
+    settings) are one row, in seed order; paths that name a seed (a chain's `pretrained: runs/x_s1/ssp/...`)
+    are compared with the seed dropped. A seed already in a row starts a new row (never two runs of one seed
+    averaged). The row takes its first run's label, seed suffix dropped."""
+    rows: list[tuple[str, str, list]] = []   # (setting, label, [(seed, path)])
     for label, path in runs:
         cfg_path = path / "config.yaml"
-        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {"out": str(path)}
-        key = (json.dumps({k: v for k, v in cfg.items() if k not in NOT_THE_SETTING}, sort_keys=True, default=str)
-               if cfg_path.is_file() else str(path))
-        if key in groups:
-            groups[key][1].append((cfg.get("seed"), path))
+        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+        setting = {k: (_strip_seed(v) if k in SEED_PATHS and isinstance(v, str) else v)
+                   for k, v in cfg.items() if k not in NOT_THE_SETTING}
+        key = json.dumps(setting, sort_keys=True, default=str) if cfg else str(path)
+        seed = cfg.get("seed")
+        row = next((r for r in rows if r[0] == key and seed not in [m[0] for m in r[2]]), None)
+        if row is None:
+            rows.append((key, label, [(seed, path)]))
         else:
-            groups[key] = (label, [(cfg.get("seed"), path)])
+            row[2].append((seed, path))
     out = {}
-    for label, members in groups.values():
+    for _, label, members in rows:
         members.sort(key=lambda m: (m[0] is None, m[0] if m[0] is not None else 0))
         if len(members) > 1:
             label = _strip_seed(label)
@@ -222,7 +227,7 @@ def group_by_setting(runs: list[tuple[str, Path]]) -> dict[str, list[Path]]:
 def _strip_seed(label: str) -> str:
     """"runs/ce_seed1/joint" -> "runs/ce/joint": drop a seed suffix from each part of the label."""
     import re
-    return "/".join(re.sub(r"[_\-.]?(seed|s)[_\-]?\d+$", "", part) or part for part in label.split("/"))
+    return "/".join(re.sub(r"[_\-.]?(seed|s)[_\-]?\d+$", "", part) or part for part in str(label).split("/"))
 
 
 def main(argv=None) -> int:

@@ -86,10 +86,13 @@ def test_grouping_by_config_and_chains(tmp_path):
             fake_run(tmp_path / f"c10_s{s}" / stage, seed=s, loss=loss, final={"top1": 40.0 + 10 * s},
                      pretrained=f"{tmp_path}/c10_s{s}/rotation/backbone.pt")
     fake_run(tmp_path / "lr05", seed=0, lr=0.05)                   # differs in more than the seed: own row
-    runs = expand([tmp_path / "c10_s1", tmp_path / "c10_s0", tmp_path / "lr05"])
+    fake_run(tmp_path / "other_ssp" / "ce", seed=1, pretrained=f"{tmp_path}/elsewhere/backbone.pt")  # own row
+    fake_run(tmp_path / "again" / "ce", seed=0, pretrained=f"{tmp_path}/c10_s0/rotation/backbone.pt")  # seed 0 twice
+    runs = expand([tmp_path / "c10_s1", tmp_path / "c10_s0", tmp_path / "lr05", tmp_path / "other_ssp",
+                   tmp_path / "again"])
     assert [label for label, _ in runs][:2] == ["c10_s1/ce", "c10_s1/ldam_drw"]
     groups = group_by_setting(runs)
-    assert list(groups) == ["c10/ce", "c10/ldam_drw", "lr05"]
+    assert list(groups) == ["c10/ce", "c10/ldam_drw", "lr05", "other_ssp/ce", "again/ce"]
     assert groups["c10/ce"] == [tmp_path / "c10_s0" / "ce", tmp_path / "c10_s1" / "ce"]   # seed order
     assert groups["lr05"] == [tmp_path / "lr05"]
 
