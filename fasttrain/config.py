@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ class Config:
     loader: str = "ffcv"              # ffcv | dali | torch | device
     workers: int = 0                  # loader threads/processes; 0 = all cores
     train_split: str = "train"
-    eval_split: str = ""              # "" = test if present, else val
+    eval_split: str = ""              # split evaluated each eval epoch to pick the best epoch; "" = val if present, else test
     image_size: int = 224             # train crop for jpeg sets (raw sets keep their size)
     eval_size: int = 224
     seed: int = 0
@@ -42,9 +43,14 @@ class Config:
     nesterov: bool = False
     weight_decay: float = 2e-4
     schedule: str = "step"            # step | cosine | constant
-    warmup_epochs: int = 0
-    milestones: list = field(default_factory=list)     # step schedule: epochs ...
-    milestone_factors: list = field(default_factory=list)  # ... and the lr factor from each on
+    # Schedule positions are fractions of the run (--epochs), so a shorter run keeps the paper's shape;
+    # each has an absolute override in epochs (*_epochs, -1 / empty = use the fraction).
+    warmup: float = 0.0               # linear warm-up length, fraction of the run (paper CIFAR: 5/200 = 0.025)
+    warmup_epochs: int = -1           # >= 0: warm-up length in epochs instead of --warmup
+    milestones: list = field(default_factory=list)     # step schedule: fractions of the run (paper: 0.8, 0.9) ...
+    milestone_epochs: list = field(default_factory=list)  # ... or absolute epochs instead (overrides --milestones)
+    milestone_factors: list = field(default_factory=list)  # ... and the lr factor after each one
+    lr_update: str = "epoch_end"      # epoch_end: once per epoch from the 1-based epoch e/T (paper CIFAR + cRT code) | epoch_start: from (e-1)/T (MoCo v2 code) | step: every step
     optimizer: str = "sgd"            # sgd | apex_lamb | apex_lars (NVIDIA apex, only when installed)
     grad_accum: int = 1
     precision: str = "no"             # no | bf16 | fp16
@@ -54,13 +60,16 @@ class Config:
     # loss and re-balancing
     loss: str = "ce"                  # ce | focal | ldam | balanced_softmax | logit_adjust
     reweight: str = "none"            # none | cb | drw
-    drw_epoch: int = 160
+    drw_at: float = 0.8               # DRW: class-balanced weights from this fraction of the run on (paper: 160/200)
+    drw_epoch: int = -1               # >= 0: from this 0-based epoch instead of --drw-at
     cb_beta: float = 0.9999
     focal_gamma: float = 1.0
     ldam_max_margin: float = 0.5
     ldam_scale: float = 30.0
     la_tau: float = 1.0
-    sampler: str = "uniform"          # uniform | balanced | sqrt
+    sampler: str = "uniform"          # uniform | balanced | sqrt | class_aware
+    samples_per_class: int = 4        # class_aware sampler: images of one class taken in a row (paper: 4)
+    crt_freeze_bn: bool = False       # cRT: BatchNorm statistics frozen too (default: they keep updating, as the paper's code)
 
     # self-training (semi-supervised)
     pseudo_labels: str = ""           # pseudo_labels.npz written by fasttrain.methods.self_training
@@ -86,8 +95,32 @@ class Config:
     stop_after_epochs: int = 0        # >0: end cleanly after this many epochs (requeue-friendly)
     log_every: int = 50               # steps between progress-bar / jsonl step logs
 
+    def optimizer_batch(self) -> int:
+        """Images per optimiser step: the global batch times gradient accumulation."""
+        return self.batch_size * self.grad_accum
+
     def effective_lr(self) -> float:
-        return self.lr * self.batch_size / self.lr_ref_batch if self.lr_ref_batch > 0 else self.lr
+        """--lr, scaled linearly from --lr-ref-batch to the optimiser batch when --lr-ref-batch > 0."""
+        return self.lr * self.optimizer_batch() / self.lr_ref_batch if self.lr_ref_batch > 0 else self.lr
+
+    def schedule_epochs(self) -> dict:
+        """This run's warm-up length, step milestones and DRW switch, in epochs (floats; DRW: the first 0-based
+        epoch with class-balanced weights). Fractions (--warmup, --milestones, --drw-at) are of --epochs; the
+        *_epochs overrides are absolute. The paper's CIFAR schedule (0.025, [0.8, 0.9], 0.8) at 200 epochs
+        gives warm-up 5, milestones 160 and 180, DRW from epoch 160; at 20 epochs 0.5, 16 and 18, and 16."""
+        n = self.epochs
+        warmup = self.warmup_epochs if self.warmup_epochs >= 0 else self.warmup * n
+        milestones = self.milestone_epochs if self.milestone_epochs else [m * n for m in self.milestones]
+        drw = self.drw_epoch if self.drw_epoch >= 0 else math.ceil(round(self.drw_at * n, 9))
+        return {"warmup": round(float(warmup), 9), "milestones": [round(float(m), 9) for m in milestones],
+                "drw": int(drw)}
+
+    def validate(self) -> "Config":
+        """One clear ValueError (naming the flag) for values the engine cannot run with."""
+        check_schedule(self)
+        if self.samples_per_class < 1:
+            raise ValueError(f"--samples-per-class {self.samples_per_class}: must be >= 1")
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,6 +138,29 @@ class Config:
         if unknown:
             raise ValueError(f"{source}: unknown config key(s) {unknown}; valid keys: {sorted(known)}")
         return dataclasses.replace(self, **values)
+
+
+LR_UPDATES = ("epoch_end", "epoch_start", "step")
+
+
+def check_schedule(cfg: Config) -> None:
+    def fraction(flag, value, absolute):
+        if not 0 <= value <= 1:
+            raise ValueError(f"--{flag} {value}: a fraction of the run in [0, 1] is expected (e.g. 0.8 = 160 of 200 "
+                             f"epochs); for absolute epochs use --{absolute}")
+    fraction("warmup", cfg.warmup, "warmup-epochs")
+    fraction("drw-at", cfg.drw_at, "drw-epoch")
+    for m in cfg.milestones:
+        if not isinstance(m, (int, float)) or not 0 <= m <= 1:
+            raise ValueError(f"--milestones {','.join(map(str, cfg.milestones))}: fractions of the run in [0, 1] "
+                             f"are expected (paper: 0.8,0.9); for absolute epochs use --milestone-epochs "
+                             f"{','.join(map(str, cfg.milestones))}")
+    given = cfg.milestone_epochs or cfg.milestones
+    if cfg.schedule == "step" and len(given) > len(cfg.milestone_factors):
+        raise ValueError(f"--milestone-factors needs a factor for every milestone: {len(given)} milestone(s) "
+                         f"{given}, {len(cfg.milestone_factors)} factor(s) {cfg.milestone_factors}")
+    if cfg.lr_update not in LR_UPDATES:
+        raise ValueError(f"--lr-update {cfg.lr_update!r}: valid values are {', '.join(LR_UPDATES)}")
 
 
 def _parse_bool(text: str) -> bool:
