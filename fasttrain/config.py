@@ -26,6 +26,7 @@ class Config:
     eval_split: str = ""              # split evaluated each eval epoch to pick the best epoch; "" = val if present, else test
     image_size: int = 224             # train crop for jpeg sets (raw sets keep their size)
     eval_size: int = 224
+    color_jitter: float = 0.0         # jpeg training crops: ColorJitter(b=c=s=this, hue 0) on every image (paper ImageNet-LT: 0.4)
     seed: int = 0
 
     # model

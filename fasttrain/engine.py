@@ -26,6 +26,7 @@ from .dataset import DatasetDir, DatasetError
 from .evaluate import evaluate, results_table, write_report
 from .methods import method_class
 from .models import load_pretrained
+from .models.checkpoint import save_backbone
 
 CHECKPOINT_FORMAT = 1
 
@@ -211,10 +212,12 @@ class Engine:
             return final, confusion, None
         if best_epoch == last:
             best = dict(final)
+            self.save_best_backbone()
         else:
             checkpoints = self.run_dir / "checkpoints"
             self.accelerator.load_state(str(checkpoints / "best"))
             best = self.evaluate(best_epoch, self.report_split)
+            self.save_best_backbone()
             self.accelerator.load_state(str(checkpoints / "last"))
         return final, confusion, best | {"selected_on": self.eval_split, "selection_top1": self.state["best_top1"]}
 
@@ -253,6 +256,13 @@ class Engine:
         self.state.update(json.loads((ckpt / "trainer_state.json").read_text()))
         self.state.pop("format", None)
         self.log(f"resumed {self.run_dir} at epoch {self.state['epoch']} (step {self.state['step']})")
+
+    def save_best_backbone(self) -> None:
+        """backbone_best.pt: the best epoch's backbone. The paper's ImageNet-LT / iNat code hands its best-val
+        weights to the next stage, so the cRT stages of those chains start from this file."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_backbone(self.accelerator.unwrap_model(self.model), self.run_dir / "backbone_best.pt")
 
     def finish(self) -> None:
         acc = self.accelerator

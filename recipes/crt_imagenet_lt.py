@@ -5,13 +5,14 @@ list, 4 of its images in a row, next class; an epoch is as many samples as the t
 in train() mode, as in the paper's code, so the backbone's BatchNorm statistics keep updating
 (`--crt-freeze-bn true` freezes them). Best epoch selected on val, test reported (final and best-val).
 
-    accelerate launch recipes/crt_imagenet_lt.py --data DATA --pretrained STAGE1_RUN/backbone.pt --out RUN
+    accelerate launch recipes/crt_imagenet_lt.py --data DATA --pretrained STAGE1_RUN/backbone_best.pt --out RUN
 
 --batch-size is global; the lr scales linearly with it (0.2 x batch / 512).
+The training crop is RandomResizedCrop 224 + flip + colour jitter 0.4 (brightness, contrast, saturation) as
+the paper's ImageNet-LT transform. `backbone_best.pt` is the stage-1 run's best-val epoch, the weights the
+paper's code hands to cRT (`backbone.pt` is its final epoch).
 Departures from the paper's code: bf16 autocast, channels_last, FFCV (throughput; `--precision no` for
-fp32); the backbone is the stage-1 run's final epoch (backbone.pt), where the paper's code loads its best-val
-epoch (with cosine to 0 usually one of the last); no colour jitter in the training crop (the paper's
-ImageNet-LT transform adds ColorJitter(0.4, 0.4, 0.4, 0)).
+fp32); the jitter's three factors are applied in a fixed order (torchvision draws a random order).
 """
 import sys
 from pathlib import Path

@@ -4,12 +4,12 @@
 BatchNorm statistics keep updating as in the paper's code (`--crt-freeze-bn true` freezes them). Best epoch
 selected on val; val reported (iNaturalist has no labeled test split).
 
-    accelerate launch recipes/crt_inat.py --data DATA --pretrained STAGE1_RUN/backbone.pt --out RUN
+    accelerate launch recipes/crt_inat.py --data DATA --pretrained STAGE1_RUN/backbone_best.pt --out RUN
 
 --batch-size is global; the lr scales linearly with it (0.2 x batch / 512).
+`backbone_best.pt` is the stage-1 run's best-val epoch, the weights the paper's code hands to cRT.
 Departures from the paper's code: bf16 autocast, channels_last, FFCV (throughput; `--precision no` for
-fp32); the backbone is the stage-1 run's final epoch (backbone.pt), where the paper's code loads its best-val
-epoch.
+fp32).
 """
 import sys
 from pathlib import Path

@@ -22,13 +22,15 @@ CE_BALANCED = dict(loss="ce", sampler="balanced")     # train.py --train_rule Re
 ROTATION = dict(CIFAR, method="rotation")
 
 # ImageNet-LT feature learning (config/ImageNet_LT/feat_uniform.yaml): ResNet-50, 90 epochs, batch 128,
-# SGD lr 0.2 momentum 0.9, wd 5e-4, cosine to 0 stepped once per epoch (epoch e trains at lr(e/90)).
+# SGD lr 0.2 momentum 0.9, wd 5e-4, cosine to 0 stepped once per epoch (epoch e trains at lr(e/90));
+# RandomResizedCrop 224 + flip + ColorJitter(0.4, 0.4, 0.4, 0); eval resize 256, center crop 224.
 # bf16 + channels_last + FFCV are this project's throughput choices (the paper's code trains in fp32).
 IMAGENET_LT = dict(arch="resnet50", epochs=90, batch_size=128, lr=0.2, lr_ref_batch=128, momentum=0.9,
                    weight_decay=5e-4, schedule="cosine", warmup=0.0, lr_update="epoch_end", loader="ffcv",
-                   image_size=224, eval_size=224, precision="bf16", channels_last=True)
-# iNaturalist 2018 feature learning (config/iNaturalist18/feat_unifrom.yaml): batch 100, wd 1e-4.
-INAT = dict(IMAGENET_LT, batch_size=100, lr_ref_batch=100, weight_decay=1e-4)
+                   image_size=224, eval_size=224, color_jitter=0.4, precision="bf16", channels_last=True)
+# iNaturalist 2018 feature learning (config/iNaturalist18/feat_unifrom.yaml): batch 100, wd 1e-4, no colour
+# jitter (the paper's iNaturalist transform has none).
+INAT = dict(IMAGENET_LT, batch_size=100, lr_ref_batch=100, weight_decay=1e-4, color_jitter=0.0)
 
 # Class-aware sampling, 4 images of a class in a row (data/ClassAwareSampler.py, num_samples_cls 4): the
 # balanced feature learning of ImageNet-LT (feat_balance.yaml) and every cRT stage.
@@ -41,7 +43,7 @@ CRT_INAT = dict(INAT, **CLASS_AWARE, method="crt", epochs=30, batch_size=512, lr
 
 # MoCo v2 pre-training (pretrain_moco.py): 200 epochs, batch 128, lr 0.015, wd 1e-4, cosine stepped at the
 # start of each epoch (epoch e trains at lr((e-1)/200)); queue 65536, momentum 0.999, T 0.2, MLP head.
-MOCO = dict(IMAGENET_LT, method="moco", epochs=200, batch_size=128, lr=0.015, lr_ref_batch=128, weight_decay=1e-4,
+MOCO = dict(IMAGENET_LT, color_jitter=0.0, method="moco", epochs=200, batch_size=128, lr=0.015, lr_ref_batch=128, weight_decay=1e-4,
             schedule="cosine", lr_update="epoch_start", moco_queue=65536, moco_momentum=0.999,
             moco_temperature=0.2, moco_mlp=True)
 

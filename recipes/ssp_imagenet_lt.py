@@ -10,8 +10,10 @@ select their best epoch on val and report test (final and best-val epoch) in met
     accelerate launch recipes/ssp_imagenet_lt.py --data DATA --out RUN [--stages moco,ce_uniform] [--set moco.batch_size=1024]
 
 Every stage's lr scales linearly with its global batch from the paper's (lr x batch / reference batch).
-Departures from the paper's code: bf16 autocast, channels_last, FFCV (throughput); cRT starts from the final
-epoch of ce_uniform (the paper's code: its best-val epoch); no colour jitter in the supervised training crop.
+cRT starts from ce_uniform's best-val epoch (backbone_best.pt), as the paper's code. Supervised training crops
+use colour jitter 0.4 as the paper's ImageNet-LT transform.
+Departures from the paper's code: bf16 autocast, channels_last, FFCV (throughput); the jitter's factors are
+applied in a fixed order (torchvision: random).
 """
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ def stages(feature: dict, crt: dict) -> list[Stage]:
         Stage("moco", MOCO),
         Stage("ce_uniform", dict(feature, pretrained=SSP)),
         Stage("ce_balanced", dict(feature, **CLASS_AWARE, pretrained=SSP)),
-        Stage("crt", dict(crt, pretrained="{root}/ce_uniform/backbone.pt")),
+        Stage("crt", dict(crt, pretrained="{root}/ce_uniform/backbone_best.pt")),
     ]
 
 

@@ -10,8 +10,8 @@ Each stage resumes by itself. Best epochs are selected on val, and val is report
     accelerate launch recipes/ssp_inat.py --data DATA --out RUN
 
 Every stage's lr scales linearly with its global batch from the paper's (lr x batch / reference batch).
-Departures from the paper's code: bf16 autocast, channels_last, FFCV (throughput); cRT starts from the final
-epoch of ce_uniform (the paper's code: its best-val epoch).
+cRT starts from ce_uniform's best-val epoch (backbone_best.pt), as the paper's code.
+Departures from the paper's code: bf16 autocast, channels_last, FFCV (throughput).
 """
 import sys
 from pathlib import Path

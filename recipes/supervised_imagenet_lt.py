@@ -8,9 +8,11 @@ epoch and for that best-val epoch.
 --batch-size is global; the lr scales linearly with it (0.2 x batch / 128: batch 1024 trains at lr 1.6), and
 the engine prints the global batch, the per-GPU batch and the lr at start. `--sampler class_aware` is the
 paper's feat_balance.yaml (4 images of a class in a row).
+Training crop: RandomResizedCrop 224 + flip + colour jitter 0.4 (brightness, contrast, saturation), as the
+paper's ImageNet-LT transform; eval: resize 256, center crop 224. Outputs backbone.pt (final epoch) and
+backbone_best.pt (best-val epoch: what the paper's code hands to cRT).
 Departures from the paper's code: bf16 autocast, channels_last and the FFCV loader for throughput
-(`--precision no` trains in fp32); no colour jitter in the training crop (the paper's ImageNet-LT transform
-adds ColorJitter(0.4, 0.4, 0.4, 0)).
+(`--precision no` trains in fp32); the jitter's factors are applied in a fixed order (torchvision: random).
 """
 import sys
 from pathlib import Path

@@ -7,6 +7,7 @@ reported (final epoch and best-val epoch), as the paper does.
 
 --batch-size is global; the lr scales linearly with it (0.2 x batch / 100: batch 800 trains at lr 1.6), and
 the engine prints the global batch, the per-GPU batch and the lr at start.
+Outputs backbone.pt (final epoch) and backbone_best.pt (best-val epoch: what the paper's code hands to cRT).
 Departures from the paper's code: bf16 autocast, channels_last and the FFCV loader for throughput
 (`--precision no` trains in fp32).
 """

@@ -100,7 +100,7 @@ def test_crt_freezes_backbone_and_needs_pretrained(tiny_raw, tmp_path):
     run(tiny_raw, base, epochs=2)
     with pytest.raises(ValueError, match="--pretrained"):
         run(tiny_raw, tmp_path / "crt_bad", method="crt", epochs=1)
-    run(tiny_raw, tmp_path / "crt", method="crt", epochs=2, sampler="balanced",
+    run(tiny_raw, tmp_path / "crt", method="crt", epochs=2, sampler="balanced", crt_freeze_bn=True,
         pretrained=str(base / "backbone.pt"))
     before, after = weights(base), weights(tmp_path / "crt")
     for k, v in after.items():

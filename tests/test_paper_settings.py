@@ -251,8 +251,14 @@ def test_with_val_the_best_epoch_is_selected_on_val_and_test_is_reported(tiny_ra
     assert best["top1"] == pytest.approx(_test_top1(tiny_raw_val, run / "checkpoints" / "best"))
     assert m["final"]["top1"] == pytest.approx(_test_top1(tiny_raw_val, run / "checkpoints" / "last"))
     model = torch.load(run / "model.pt", weights_only=True)["state_dict"]  # the final model is what is exported
-    last = _weights(run / "checkpoints" / "last")
+    last, best_weights = _weights(run / "checkpoints" / "last"), _weights(run / "checkpoints" / "best")
     assert all(torch.equal(v, last[k]) for k, v in model.items())
+    backbone = torch.load(run / "backbone.pt", weights_only=True)["state_dict"]
+    backbone_best = torch.load(run / "backbone_best.pt", weights_only=True)["state_dict"]
+    assert backbone.keys() == backbone_best.keys() and "conv1.weight" in backbone
+    assert all(torch.equal(v, last[k]) for k, v in backbone.items())
+    assert all(torch.equal(v, best_weights[k]) for k, v in backbone_best.items())
+    assert not all(torch.equal(v, backbone[k]) for k, v in backbone_best.items())
     assert "best val epoch" in capsys.readouterr().out
 
 
@@ -272,3 +278,16 @@ def _test_top1(data, ckpt):
     loader = build_loader(ds, "test", kind="device", batch_size=16, views=[augment.small_eval()], train=False,
                           workers=1)
     return evaluate(model, loader, 4, ds.split("train").class_counts)[0]["top1"]
+
+
+def test_imagenet_lt_training_crops_have_the_papers_colour_jitter():
+    from types import SimpleNamespace
+
+    from fasttrain.methods.supervised import Supervised
+    jpeg = SimpleNamespace(is_raw=False)
+    (view,) = Supervised(Config().update(IMAGENET_LT), jpeg).views(train=True)
+    assert (view.crop, view.size, view.flip, view.jitter, view.jitter_p) == ("rrc", 224, True, (0.4, 0.4, 0.4, 0.0), 1.0)
+    (inat,) = Supervised(Config().update(INAT), jpeg).views(train=True)
+    assert inat.jitter is None and not inat.has_color_ops
+    (evaluation,) = Supervised(Config().update(IMAGENET_LT), jpeg).views(train=False)
+    assert evaluation.jitter is None and evaluation.crop == "center"
