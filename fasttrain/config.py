@@ -23,10 +23,10 @@ class Config:
     loader: str = "ffcv"              # ffcv | dali | torch | device
     workers: int = 0                  # loader threads/processes; 0 = all cores
     train_split: str = "train"
-    eval_split: str = ""              # split evaluated each eval epoch to pick the best epoch; "" = val if present, else test
+    eval_split: str = ""              # split that picks the best epoch; "" = val if present, else test
     image_size: int = 224             # train crop for jpeg sets (raw sets keep their size)
     eval_size: int = 224
-    color_jitter: float = 0.0         # jpeg training crops: ColorJitter(b=c=s=this, hue 0) on every image (paper ImageNet-LT: 0.4)
+    color_jitter: float = 0.0         # jpeg train crops: brightness/contrast/saturation jitter (ImageNet-LT: 0.4)
     seed: int = 0
 
     # model
@@ -39,7 +39,7 @@ class Config:
     epochs: int = 200
     batch_size: int = 128             # global, over all processes
     lr: float = 0.1
-    lr_ref_batch: int = 0             # >0: lr is given for this batch size and scaled linearly
+    lr_ref_batch: int = 0             # >0: --lr is for this batch; scaled linearly to batch_size x grad_accum
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 2e-4
@@ -51,7 +51,7 @@ class Config:
     milestones: list = field(default_factory=list)     # step schedule: fractions of the run (paper: 0.8, 0.9) ...
     milestone_epochs: list = field(default_factory=list)  # ... or absolute epochs instead (overrides --milestones)
     milestone_factors: list = field(default_factory=list)  # ... and the lr factor after each one
-    lr_update: str = "epoch_end"      # epoch_end: once per epoch from the 1-based epoch e/T (paper CIFAR + cRT code) | epoch_start: from (e-1)/T (MoCo v2 code) | step: every step
+    lr_update: str = "epoch_end"      # lr set once per epoch e (1-based) at e/T (paper) | epoch_start: (e-1)/T (MoCo v2) | step
     optimizer: str = "sgd"            # sgd | apex_lamb | apex_lars (NVIDIA apex, only when installed)
     grad_accum: int = 1
     precision: str = "no"             # no | bf16 | fp16
@@ -70,7 +70,7 @@ class Config:
     la_tau: float = 1.0
     sampler: str = "uniform"          # uniform | balanced | sqrt | class_aware
     samples_per_class: int = 4        # class_aware sampler: images of one class taken in a row (paper: 4)
-    crt_freeze_bn: bool = False       # cRT: BatchNorm statistics frozen too (default: they keep updating, as the paper's code)
+    crt_freeze_bn: bool = False       # cRT: freeze BN statistics too (default: they keep updating, as the paper)
 
     # self-training (semi-supervised)
     pseudo_labels: str = ""           # pseudo_labels.npz written by fasttrain.methods.self_training

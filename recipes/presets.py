@@ -43,8 +43,8 @@ CRT_INAT = dict(INAT, **CLASS_AWARE, method="crt", epochs=30, batch_size=512, lr
 
 # MoCo v2 pre-training (pretrain_moco.py): 200 epochs, batch 128, lr 0.015, wd 1e-4, cosine stepped at the
 # start of each epoch (epoch e trains at lr((e-1)/200)); queue 65536, momentum 0.999, T 0.2, MLP head.
-MOCO = dict(IMAGENET_LT, color_jitter=0.0, method="moco", epochs=200, batch_size=128, lr=0.015, lr_ref_batch=128, weight_decay=1e-4,
-            schedule="cosine", lr_update="epoch_start", moco_queue=65536, moco_momentum=0.999,
+MOCO = dict(IMAGENET_LT, color_jitter=0.0, method="moco", epochs=200, batch_size=128, lr=0.015, lr_ref_batch=128,
+            weight_decay=1e-4, schedule="cosine", lr_update="epoch_start", moco_queue=65536, moco_momentum=0.999,
             moco_temperature=0.2, moco_mlp=True)
 
 # Former names.

@@ -7,7 +7,8 @@ paper's settings (pretrain_moco.py, config/ImageNet_LT/*.yaml):
 Each stage lives in RUN/<stage>; the same command resumes whichever stage was interrupted. Supervised stages
 select their best epoch on val and report test (final and best-val epoch) in metrics.json.
 
-    accelerate launch recipes/ssp_imagenet_lt.py --data DATA --out RUN [--stages moco,ce_uniform] [--set moco.batch_size=1024]
+    accelerate launch recipes/ssp_imagenet_lt.py --data DATA --out RUN [--stages moco,ce_uniform]
+        [--set moco.batch_size=1024]
 
 Every stage's lr scales linearly with its global batch from the paper's (lr x batch / reference batch).
 cRT starts from ce_uniform's best-val epoch (backbone_best.pt), as the paper's code. Supervised training crops

@@ -3,7 +3,7 @@ ResNet-50, CE, uniform sampling, 90 epochs, SGD lr 0.2 at batch 128 (momentum 0.
 stepped once per epoch; the best epoch is selected on val top-1 and metrics.json reports test for the final
 epoch and for that best-val epoch.
 
-    accelerate launch recipes/supervised_imagenet_lt.py --data DATA --out RUN [--batch-size 1024] [--sampler class_aware]
+    accelerate launch recipes/supervised_imagenet_lt.py --data DATA --out RUN [--batch-size 1024]
 
 --batch-size is global; the lr scales linearly with it (0.2 x batch / 128: batch 1024 trains at lr 1.6), and
 the engine prints the global batch, the per-GPU batch and the lr at start. `--sampler class_aware` is the

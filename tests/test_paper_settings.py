@@ -286,7 +286,8 @@ def test_imagenet_lt_training_crops_have_the_papers_colour_jitter():
     from fasttrain.methods.supervised import Supervised
     jpeg = SimpleNamespace(is_raw=False)
     (view,) = Supervised(Config().update(IMAGENET_LT), jpeg).views(train=True)
-    assert (view.crop, view.size, view.flip, view.jitter, view.jitter_p) == ("rrc", 224, True, (0.4, 0.4, 0.4, 0.0), 1.0)
+    assert (view.crop, view.size, view.flip) == ("rrc", 224, True)
+    assert (view.jitter, view.jitter_p) == ((0.4, 0.4, 0.4, 0.0), 1.0)
     (inat,) = Supervised(Config().update(INAT), jpeg).views(train=True)
     assert inat.jitter is None and not inat.has_color_ops
     (evaluation,) = Supervised(Config().update(IMAGENET_LT), jpeg).views(train=False)
