@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ class Config:
     loader: str = opt("ffcv", "input pipeline", ("ffcv", "dali", "torch", "device"))
     workers: int = opt(0, "loader threads/processes; 0 = all cores")
     train_split: str = opt("train", "split to train on")
-    eval_split: str = opt("", "split to evaluate on; empty = test if present, else val")
+    eval_split: str = opt("", "split that picks the best epoch; empty = val if present, else test")
     image_size: int = opt(224, "training crop size for jpeg sets (raw small-image sets keep their size)")
     eval_size: int = opt(224, "evaluation crop size for jpeg sets")
+    color_jitter: float = opt(0.0, "jpeg training crops: brightness/contrast/saturation jitter (ImageNet-LT: 0.4)")
     seed: int = opt(0, "seed of the model init, the sample order and the augmentation")
 
     # model
@@ -47,14 +49,20 @@ class Config:
     epochs: int = opt(200, "training epochs")
     batch_size: int = opt(128, "global batch size, over all processes")
     lr: float = opt(0.1, "peak learning rate")
-    lr_ref_batch: int = opt(0, ">0: --lr is given for this batch size and scaled linearly to --batch-size")
+    lr_ref_batch: int = opt(0, ">0: --lr is given for this batch and scaled linearly to batch-size x grad-accum")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(False, "Nesterov momentum")
     weight_decay: float = opt(2e-4, "weight decay")
     schedule: str = opt("step", "learning-rate schedule after the warm-up", ("step", "cosine", "constant"))
-    warmup_epochs: int = opt(0, "linear warm-up epochs")
-    milestones: list = opt([], "step schedule: epochs where the lr factor changes, comma-separated")
+    # Schedule positions are fractions of the run (--epochs), so a shorter run keeps the paper's shape;
+    # each has an absolute override in epochs (*_epochs, -1 / empty = use the fraction).
+    warmup: float = opt(0.0, "linear warm-up length, fraction of the run (paper CIFAR: 5/200 = 0.025)")
+    warmup_epochs: int = opt(-1, ">= 0: warm-up length in epochs instead of --warmup")
+    milestones: list = opt([], "step schedule: lr milestones as fractions of the run (paper: 0.8,0.9)")
+    milestone_epochs: list = opt([], "step schedule: milestones in absolute epochs instead (overrides --milestones)")
     milestone_factors: list = opt([], "step schedule: lr factor from each milestone on, comma-separated")
+    lr_update: str = opt("epoch_end", "when the lr changes: once per epoch e (1-based) at e/T (paper), at (e-1)/T "
+                                      "(MoCo v2), or every step", ("epoch_end", "epoch_start", "step"))
     optimizer: str = opt("sgd", "optimiser (apex_* need NVIDIA apex installed)", ("sgd", "apex_lamb", "apex_lars"))
     grad_accum: int = opt(1, "gradient accumulation steps")
     precision: str = opt("no", "mixed precision", ("no", "bf16", "fp16"))
@@ -64,13 +72,16 @@ class Config:
     # loss and re-balancing
     loss: str = opt("ce", "training loss", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
     reweight: str = opt("none", "class re-weighting of the loss", ("none", "cb", "drw"))
-    drw_epoch: int = opt(160, "DRW: epoch where class-balanced weights start")
+    drw_at: float = opt(0.8, "DRW: class-balanced weights from this fraction of the run on (paper: 160/200)")
+    drw_epoch: int = opt(-1, ">= 0: DRW from this 0-based epoch instead of --drw-at")
     cb_beta: float = opt(0.9999, "class-balanced weights: beta of the effective number")
     focal_gamma: float = opt(1.0, "focal loss gamma")
     ldam_max_margin: float = opt(0.5, "LDAM: largest margin (of the rarest class)")
     ldam_scale: float = opt(30.0, "LDAM: logit scale")
     la_tau: float = opt(1.0, "logit adjustment: tau")
-    sampler: str = opt("uniform", "training sample order", ("uniform", "balanced", "sqrt"))
+    sampler: str = opt("uniform", "training sample order", ("uniform", "balanced", "sqrt", "class_aware"))
+    samples_per_class: int = opt(4, "class_aware sampler: images of one class taken in a row (paper: 4)")
+    crt_freeze_bn: bool = opt(False, "cRT: freeze BN statistics too (default: they keep updating, as the paper)")
 
     # self-training (semi-supervised)
     pseudo_labels: str = opt("", "pseudo_labels.npz written by the pseudo-label stage")
@@ -100,8 +111,32 @@ class Config:
     tracker_dir: str = opt("", "tracker files (TensorBoard events, wandb offline runs, mlflow store); "
                                "empty = RUN/tracking")
 
+    def optimizer_batch(self) -> int:
+        """Images per optimiser step: the global batch times gradient accumulation."""
+        return self.batch_size * self.grad_accum
+
     def effective_lr(self) -> float:
-        return self.lr * self.batch_size / self.lr_ref_batch if self.lr_ref_batch > 0 else self.lr
+        """--lr, scaled linearly from --lr-ref-batch to the optimiser batch when --lr-ref-batch > 0."""
+        return self.lr * self.optimizer_batch() / self.lr_ref_batch if self.lr_ref_batch > 0 else self.lr
+
+    def schedule_epochs(self) -> dict:
+        """This run's warm-up length, step milestones and DRW switch, in epochs (floats; DRW: the first 0-based
+        epoch with class-balanced weights). Fractions (--warmup, --milestones, --drw-at) are of --epochs; the
+        *_epochs overrides are absolute. The paper's CIFAR schedule (0.025, [0.8, 0.9], 0.8) at 200 epochs
+        gives warm-up 5, milestones 160 and 180, DRW from epoch 160; at 20 epochs 0.5, 16 and 18, and 16."""
+        n = self.epochs
+        warmup = self.warmup_epochs if self.warmup_epochs >= 0 else self.warmup * n
+        milestones = self.milestone_epochs if self.milestone_epochs else [m * n for m in self.milestones]
+        drw = self.drw_epoch if self.drw_epoch >= 0 else math.ceil(round(self.drw_at * n, 9))
+        return {"warmup": round(float(warmup), 9), "milestones": [round(float(m), 9) for m in milestones],
+                "drw": int(drw)}
+
+    def validate(self) -> "Config":
+        """One clear ValueError (naming the flag) for values the engine cannot run with."""
+        check_schedule(self)
+        if self.samples_per_class < 1:
+            raise ValueError(f"--samples-per-class {self.samples_per_class}: must be >= 1")
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +154,29 @@ class Config:
         if unknown:
             raise ValueError(f"{source}: unknown config key(s) {unknown}; valid keys: {sorted(known)}")
         return dataclasses.replace(self, **values)
+
+
+LR_UPDATES = ("epoch_end", "epoch_start", "step")
+
+
+def check_schedule(cfg: Config) -> None:
+    def fraction(flag, value, absolute):
+        if not 0 <= value <= 1:
+            raise ValueError(f"--{flag} {value}: a fraction of the run in [0, 1] is expected (e.g. 0.8 = 160 of 200 "
+                             f"epochs); for absolute epochs use --{absolute}")
+    fraction("warmup", cfg.warmup, "warmup-epochs")
+    fraction("drw-at", cfg.drw_at, "drw-epoch")
+    for m in cfg.milestones:
+        if not isinstance(m, (int, float)) or not 0 <= m <= 1:
+            raise ValueError(f"--milestones {','.join(map(str, cfg.milestones))}: fractions of the run in [0, 1] "
+                             f"are expected (paper: 0.8,0.9); for absolute epochs use --milestone-epochs "
+                             f"{','.join(map(str, cfg.milestones))}")
+    given = cfg.milestone_epochs or cfg.milestones
+    if cfg.schedule == "step" and len(given) > len(cfg.milestone_factors):
+        raise ValueError(f"--milestone-factors needs a factor for every milestone: {len(given)} milestone(s) "
+                         f"{given}, {len(cfg.milestone_factors)} factor(s) {cfg.milestone_factors}")
+    if cfg.lr_update not in LR_UPDATES:
+        raise ValueError(f"--lr-update {cfg.lr_update!r}: valid values are {', '.join(LR_UPDATES)}")
 
 
 def _parse_bool(text: str) -> bool:

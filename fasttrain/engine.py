@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import build_loader
 from .dataset import DatasetDir, DatasetError
-from .evaluate import evaluate, write_report
+from .evaluate import evaluate, results_table, write_report
 from .methods import method_class
 from .models import load_pretrained
 from . import tracking
+from .models.checkpoint import save_backbone
 
 CHECKPOINT_FORMAT = 1
 
@@ -49,6 +50,8 @@ class Engine:
             raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                              f"{acc.num_processes} processes")
         self.per_process_batch = cfg.batch_size // acc.num_processes
+        cfg.validate()
+        self.log(batch_and_lr(cfg, acc.num_processes))
         set_seed(cfg.seed)
 
         self.dataset = DatasetDir(cfg.data)
@@ -72,7 +75,9 @@ class Engine:
         if len(self.train_loader) == 0:
             raise DatasetError(f"{cfg.data}: split {cfg.train_split!r} gives no full batch of "
                                f"{self.per_process_batch} per process; lower --batch-size")
-        self.eval_split = cfg.eval_split or self.dataset.eval_split()
+        # best epoch: selected on val where the data has one (test reported at that epoch), else on test
+        self.eval_split = cfg.eval_split or ("val" if self.dataset.has_split("val") else self.dataset.eval_split())
+        self.report_split = self.dataset.eval_split()
         self.eval_loader = (self.build_loader(self.eval_split, views=self.method.views(train=False), train=False)
                             if self.method.evaluates else None)
         self.method.setup(self)
@@ -87,7 +92,7 @@ class Engine:
                             views=views, train=train, sampler=sampler, sampling_labels=sampling_labels,
                             positions=positions, seed=self.cfg.seed, rank=acc.process_index,
                             world_size=acc.num_processes, device=self.device, channels_last=self.cfg.channels_last,
-                            workers=self.cfg.workers)
+                            workers=self.cfg.workers, samples_per_class=self.cfg.samples_per_class)
 
     def track(self, values: dict, step: int) -> None:
         """Send scalars to the experiment trackers (--log-with; main process only), at global step `step`."""
@@ -98,23 +103,8 @@ class Engine:
         if self.is_main:
             tqdm.write(f"[fasttrain] {message}")
 
-    def lr_at(self, epoch: float) -> float:
-        """Learning rate at a fractional epoch: linear warm-up, then step / cosine / constant."""
-        cfg, base = self.cfg, self.cfg.effective_lr()
-        if epoch < cfg.warmup_epochs:
-            return base * (epoch + 1 / self.steps_per_epoch) / cfg.warmup_epochs
-        if cfg.schedule == "cosine":
-            t = (epoch - cfg.warmup_epochs) / max(1e-8, cfg.epochs - cfg.warmup_epochs)
-            return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        if cfg.schedule == "step":
-            factor = 1.0
-            for milestone, f in zip(cfg.milestones, cfg.milestone_factors):
-                if epoch >= milestone:
-                    factor = f
-            return base * factor
-        if cfg.schedule == "constant":
-            return base
-        raise ValueError(f"unknown --schedule {cfg.schedule!r}; valid: step, cosine, constant")
+    def lr_at(self, epoch: int, step: int = 0) -> float:
+        return lr_at(self.cfg, epoch, step, len(self.train_loader))
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> str:
@@ -141,7 +131,7 @@ class Engine:
             last = epoch == cfg.epochs - 1
             if self.eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
                 metrics = self.evaluate(epoch)
-                logs.update({f"eval_{k}": metrics[k] for k in ("top1", "top5", "many", "medium", "few")})
+                logs.update({f"eval_{k}": metrics[k] for k in ("split", "top1", "top5", "many", "medium", "few")})
                 best = self.state["best_top1"]
                 if best is None or metrics["top1"] > best:
                     self.state.update(best_top1=metrics["top1"], best_epoch=epoch)
@@ -169,7 +159,7 @@ class Engine:
         bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.is_main, leave=False,
                    dynamic_ncols=True)
         for i, batch in enumerate(self.train_loader):
-            lr = self.lr_at(epoch + i / n)
+            lr = self.lr_at(epoch, i)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with acc.accumulate(model):
@@ -208,16 +198,42 @@ class Engine:
                     torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
                     buffer /= self.accelerator.num_processes
 
-    def evaluate(self, epoch: int) -> dict:
+    def evaluate(self, epoch: int, split: str | None = None) -> dict:
+        """Classification metrics of the current model on `split` (default: the selection split)."""
+        split = split or self.eval_split
+        loader = self.eval_loader if split == self.eval_split else self.build_loader(
+            split, views=self.method.views(train=False), train=False)
         counts = self.dataset.split(self.cfg.train_split).class_counts
-        metrics, confusion = evaluate(self.accelerator.unwrap_model(self.model), self.eval_loader,
+        metrics, confusion = evaluate(self.accelerator.unwrap_model(self.model), loader,
                                       self.dataset.num_classes, counts, self.accelerator,
                                       many=self.cfg.many_threshold, few=self.cfg.few_threshold)
-        metrics.update(epoch=epoch, split=self.eval_split)
-        self.log(f"eval {self.eval_split}: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
+        metrics.update(epoch=epoch, split=split)
+        self.log(f"eval {split} (epoch {epoch + 1}): top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
                  f"many {_fmt(metrics['many'])} medium {_fmt(metrics['medium'])} few {_fmt(metrics['few'])}")
         self.last_metrics, self.last_confusion = metrics, confusion
         return metrics
+
+    def final_and_best(self) -> tuple[dict, "np.ndarray", dict | None]:
+        """The report split (test, else val) for the final model and for the best epoch's checkpoint (the
+        epoch with the highest top-1 on the selection split). Leaves the final model in place."""
+        last = self.cfg.epochs - 1
+        done = getattr(self, "last_metrics", None)
+        if not (done and done["split"] == self.report_split and done["epoch"] == last):
+            self.evaluate(last, self.report_split)
+        final, confusion = self.last_metrics, self.last_confusion
+        best_epoch = self.state["best_epoch"]
+        if best_epoch is None:
+            return final, confusion, None
+        if best_epoch == last:
+            best = dict(final)
+            self.save_best_backbone()
+        else:
+            checkpoints = self.run_dir / "checkpoints"
+            self.accelerator.load_state(str(checkpoints / "best"))
+            best = self.evaluate(best_epoch, self.report_split)
+            self.save_best_backbone()
+            self.accelerator.load_state(str(checkpoints / "last"))
+        return final, confusion, best | {"selected_on": self.eval_split, "selection_top1": self.state["best_top1"]}
 
     # ------------------------------------------------------------------------------------------
     def write_jsonl(self, record: dict) -> None:
@@ -255,10 +271,18 @@ class Engine:
         self.state.pop("format", None)
         self.log(f"resumed {self.run_dir} at epoch {self.state['epoch']} (step {self.state['step']})")
 
+    def save_best_backbone(self) -> None:
+        """backbone_best.pt: the best epoch's backbone. The paper's ImageNet-LT / iNat code hands its best-val
+        weights to the next stage, so the cRT stages of those chains start from this file."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_backbone(self.accelerator.unwrap_model(self.model), self.run_dir / "backbone_best.pt")
+
     def finish(self) -> None:
         acc = self.accelerator
-        if self.eval_loader is not None and not hasattr(self, "last_metrics"):
-            self.evaluate(self.cfg.epochs - 1)  # resumed after the last epoch's checkpoint, before this report
+        final = confusion = best = None
+        if self.eval_loader is not None:
+            final, confusion, best = self.final_and_best()
         acc.wait_for_everyone()
         if self.is_main:
             model = acc.unwrap_model(self.model)
@@ -266,15 +290,58 @@ class Engine:
             torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": self.cfg.head,
                         "num_classes": self.method.num_outputs(), "in_channels": self.dataset.channels,
                         "method": self.cfg.method, "state_dict": model.state_dict()}, self.run_dir / "model.pt")
-            if self.eval_loader is not None:
+            if final is not None:
                 counts = self.dataset.split(self.cfg.train_split).class_counts
-                write_report(self.run_dir, self.last_metrics | {"best_top1": self.state["best_top1"],
-                                                                "best_epoch": self.state["best_epoch"]},
-                             self.last_confusion, counts, self.dataset.class_names)
+                report = write_report(self.run_dir, final, confusion, counts, self.dataset.class_names, best=best,
+                                      epochs=self.cfg.epochs)
+                tqdm.write(results_table(report))
             (self.run_dir / "DONE").write_text(json.dumps(self.state))
         tracking.finish(acc)
         acc.wait_for_everyone()
         self.log(f"finished {self.run_dir}")
+
+
+def batch_and_lr(cfg: Config, processes: int) -> str:
+    """The one line, printed at start, saying how the batch is split and where the lr comes from."""
+    accum = f" x {cfg.grad_accum} accumulation steps" if cfg.grad_accum > 1 else ""
+    line = (f"batch {cfg.optimizer_batch()} per optimiser step = {processes} process(es) x "
+            f"{cfg.batch_size // processes} per process{accum}; ")
+    if cfg.lr_ref_batch > 0:
+        return line + (f"lr {cfg.effective_lr():.6g} = {cfg.lr:g} x {cfg.optimizer_batch()} / {cfg.lr_ref_batch} "
+                       f"(reference: lr {cfg.lr:g} at batch {cfg.lr_ref_batch}, scaled linearly)")
+    return line + f"lr {cfg.lr:g} (not scaled with the batch: --lr-ref-batch 0)"
+
+
+def lr_at(cfg: Config, epoch: int, step: int = 0, steps: int = 1) -> float:
+    """Learning rate of step `step` (of `steps`) of 0-based `epoch` (see Config.schedule_epochs for positions).
+
+    Each update covers the interval (start, end] of the run, in epochs: the whole epoch (--lr-update epoch_end
+    or epoch_start: lr constant over the epoch) or one step (--lr-update step). A step milestone M applies from
+    the first interval with start >= M on (paper: 1-based e > 160). Warm-up W: lr * end / W while end < W (paper:
+    e <= 5: lr * e / 5). Cosine: lr * (1 + cos(pi * (x - W) / (T - W))) / 2 at x = end (epoch_end, step; the
+    ImageNet-LT / iNat code: lr at e/T, 0 in the last epoch) or x = start (epoch_start; MoCo v2's code).
+    """
+    base, points = cfg.effective_lr(), cfg.schedule_epochs()
+    if cfg.lr_update == "step":
+        start, end = epoch + step / steps, epoch + (step + 1) / steps
+    else:
+        start, end = epoch, epoch + 1
+    warmup = points["warmup"]
+    if end < warmup:
+        return base * end / warmup
+    if cfg.schedule == "cosine":
+        x = start if cfg.lr_update == "epoch_start" else end
+        t = (x - warmup) / max(1e-8, cfg.epochs - warmup)
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, t))))
+    if cfg.schedule == "step":
+        factor = 1.0
+        for milestone, f in zip(points["milestones"], cfg.milestone_factors):
+            if start >= milestone:
+                factor = f
+        return base * factor
+    if cfg.schedule == "constant":
+        return base
+    raise ValueError(f"unknown --schedule {cfg.schedule!r}; valid: step, cosine, constant")
 
 
 def check_checkpoint_shapes(ckpt: Path, model: torch.nn.Module, data: str) -> None:

@@ -57,12 +57,48 @@ def summarize(confusion: np.ndarray, top5_hits: np.ndarray, train_counts, *, man
             "per_class": per_class, "train_class_counts": [int(c) for c in counts]}
 
 
-def write_report(run_dir: Path, metrics: dict, confusion: np.ndarray, train_counts, class_names=None) -> None:
-    """metrics.json, confusion.npy and per_class.png (accuracy against training count) in the run dir."""
+BLOCK_KEYS = ("epoch", "split", "top1", "top5", "many", "medium", "few", "per_class")
+
+
+def write_report(run_dir: Path, metrics: dict, confusion: np.ndarray, train_counts, class_names=None, *,
+                 best: dict | None = None, epochs: int | None = None) -> dict:
+    """metrics.json, confusion.npy and per_class.png (accuracy against training count) in the run dir.
+
+    metrics.json: the final epoch's evaluation at the top level, and the blocks "final" and "best" (the epoch
+    with the highest top-1 on `best["selected_on"]`, reported on `best["split"]`), each with a "label" saying
+    what it is. Returns what it wrote."""
     run_dir = Path(run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    report = dict(metrics)
+    report["final"] = {k: metrics.get(k) for k in BLOCK_KEYS} | {"label": _label(metrics, None, epochs)}
+    if best is not None:
+        report["best"] = ({k: best.get(k) for k in BLOCK_KEYS} | {"selected_on": best["selected_on"]}
+                          | {"selection_top1": best.get("selection_top1"), "label": _label(best, best, epochs)})
+        report.update(best_top1=best["top1"], best_epoch=best["epoch"])
+    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     np.save(run_dir / "confusion.npy", confusion)
     plot_per_class({"": metrics["per_class"]}, train_counts, run_dir / "per_class.png", class_names=class_names)
+    return report
+
+
+def _label(block: dict, best: dict | None, epochs: int | None) -> str:
+    of = f"/{epochs}" if epochs else ""
+    where = f"epoch {block['epoch'] + 1}{of}, {block['split']}"
+    if best is None:
+        return f"final epoch ({where})"
+    if best["selected_on"] == block["split"]:
+        return f"best {block['split']} epoch ({where}; as the paper reports)"
+    return f"best {best['selected_on']} epoch ({where} at the epoch of the highest {best['selected_on']} top-1)"
+
+
+def results_table(report: dict) -> str:
+    """The end-of-run table of a metrics.json: the final epoch and the best epoch, each labelled."""
+    fmt = lambda v: "  n/a" if v is None else f"{v:5.2f}"  # noqa: E731
+    rows = [report[k] for k in ("final", "best") if report.get(k)]
+    width = max(len(r["label"]) for r in rows)
+    lines = [f"{'':{width}}  top-1  top-5   many medium    few"]
+    lines += [f"{r['label']:{width}}  {fmt(r['top1'])}  {fmt(r['top5'])}  {fmt(r['many'])}  {fmt(r['medium'])}  "
+              f"{fmt(r['few'])}" for r in rows]
+    return "\n".join(lines)
 
 
 def plot_per_class(per_class: dict[str, list], train_counts, path: Path, class_names=None, title=None) -> None:

@@ -134,7 +134,8 @@ def build_loss(name: str, class_counts: CountsLike, *, reweight: str, drw_epoch:
                cb_beta: float = 0.9999, focal_gamma: float = 1.0, ldam_max_margin: float = 0.5,
                ldam_scale: float = 30.0, la_tau: float = 1.0) -> LongTailLoss:
     """`reweight`: 'none'; 'cb' = class-balanced weights (cb_beta) from the start; 'drw' = no weights
-    before `drw_epoch`, class-balanced weights (cb_beta) from it on (LDAM-DRW: 160 of 200 epochs)."""
+    before the 0-based epoch `drw_epoch`, class-balanced weights (cb_beta) from it on (LDAM-DRW: 160 of 200
+    epochs; the engine passes Config.schedule_epochs()["drw"], a position in the run)."""
     makers = {
         'ce': CrossEntropy,
         'focal': lambda w: FocalLoss(focal_gamma, w),

@@ -29,9 +29,9 @@ CONVERT = ["--source", "fmnist", "--root", FMNIST_ROOT, "--profile", "exp", "--r
            "--formats", "ffcv,dali"]
 
 # Sized for about 10 minutes on 2 CPU cores: ResNet-32 at half width, 20 epochs, the CIFAR recipe's
-# schedule scaled to that length (200 -> 20 epochs: warm-up 1, lr x0.01 at 16 and x0.0001 at 18),
+# schedule scaled to that length (200 -> 20 epochs: warm-up 1 (per step), lr x0.01 at 16 and x0.0001 at 18),
 # evaluation every 5 epochs (and the last).
-DEMO = dict(CIFAR, width=0.5, epochs=20, warmup_epochs=1, milestones=[16, 18], batch_size=128, seed=0, eval_every=5,
+DEMO = dict(CIFAR, width=0.5, epochs=20, warmup_epochs=1, lr_update="step", batch_size=128, seed=0, eval_every=5,
             loader="device")
 STAGES = [
     Stage("ce", DEMO),

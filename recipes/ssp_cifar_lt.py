@@ -1,5 +1,7 @@
 """Self-supervised pre-training on CIFAR-LT (rotation prediction on the labeled long-tailed set itself, no
-extra data), then CE, CE-DRW and LDAM-DRW from that backbone. ResNet-32, paper defaults.
+extra data), then CE, CE-DRW and LDAM-DRW from that backbone. ResNet-32, the paper's CIFAR settings for
+every stage (200 epochs, batch 128, lr 0.1, warm-up 5/200, x0.01 at 160/200, x0.0001 at 180/200, DRW from
+160/200; positions in the run, so --epochs keeps the shape).
 
     python recipes/ssp_cifar_lt.py --data DATA --out RUN [--epochs 200] [--set ldam_drw.lr=0.1]
 """

@@ -1,5 +1,9 @@
 """Supervised training on a small-image long-tailed set (CIFAR-10/100-LT, SVHN-LT, Fashion-MNIST-LT):
-ResNet-32, the paper's CIFAR schedule. Image size, channels and classes come from the dataset manifest.
+ResNet-32, the paper's CIFAR settings (train.py): 200 epochs, batch 128, SGD lr 0.1 (momentum 0.9, wd 2e-4),
+linear warm-up over the first 5 epochs, lr x0.01 after epoch 160 and x0.0001 after 180, DRW (--reweight drw)
+from epoch 160. These are positions in the run (5/200, 160/200, 180/200), so `--epochs 20` warms up for half
+an epoch, decays after 16 and 18 and re-weights from 16. metrics.json has the final epoch and the best test
+epoch (the figure the paper's scripts report). Image size, channels and classes come from the dataset manifest.
 
     python recipes/supervised_cifar_lt.py --data DATA --out RUN [--loss ldam --head cosine --reweight drw]
     accelerate launch recipes/supervised_cifar_lt.py --data DATA --out RUN

@@ -35,13 +35,15 @@ def _split(counts, rng, offset):
             "source_index": offset + np.arange(len(labels))}
 
 
-def write_tiny(out, *, seed: int = 0, num_classes: int = 4, formats=("ffcv", "dali")):
+def write_tiny(out, *, seed: int = 0, num_classes: int = 4, formats=("ffcv", "dali"), val_per_class: int = 0):
     from data_prep.convert import write_dataset
     rng = np.random.default_rng(seed)
     counts = TRAIN_COUNTS[:num_classes] if num_classes <= 4 else TRAIN_COUNTS + [6] * (num_classes - 4)
     splits = {"train": _split(counts, rng, 0),
               "unlabeled": _split(UNLABELED_COUNTS[:1] * num_classes, rng, 10_000),
               "test": _split([TEST_PER_CLASS] * num_classes, rng, 20_000)}
+    if val_per_class:
+        splits["val"] = _split([val_per_class] * num_classes, rng, 30_000)
     return write_dataset(out, splits, num_classes=num_classes, encoding="raw", formats=formats, shard_size=64,
                          workers=1)
 
@@ -50,6 +52,12 @@ def write_tiny(out, *, seed: int = 0, num_classes: int = 4, formats=("ffcv", "da
 def tiny_raw(tmp_path_factory):
     """4 classes, 16x16x3 raw pixels: train 48/24/12/6, unlabeled pool 160, balanced test 64."""
     return write_tiny(tmp_path_factory.mktemp("data") / "tiny_raw")
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_val(tmp_path_factory):
+    """tiny_raw with a val split too (8 images per class), like ImageNet-LT: select on val, report test."""
+    return write_tiny(tmp_path_factory.mktemp("data") / "tiny_raw_val", formats=("dali",), val_per_class=8)
 
 
 # A small, fast training run: the defaults of every in-process engine run in the tests.

@@ -14,7 +14,7 @@ from fasttrain.dataset import DatasetError
 from conftest import fit, write_tiny
 
 # four epochs with warm-up and a step, so resuming has to get the schedule right
-SCHEDULE = dict(epochs=4, warmup_epochs=1, schedule="step", milestones=[3], milestone_factors=[0.1])
+SCHEDULE = dict(epochs=4, warmup_epochs=1, schedule="step", milestone_epochs=[3], milestone_factors=[0.1])
 
 
 def run(data, out, **overrides):
@@ -45,7 +45,7 @@ def test_run_writes_everything(tiny_raw, tmp_path):
 
 
 def test_learns_the_tiny_task(tiny_raw, tmp_path):
-    run(tiny_raw, tmp_path / "run", epochs=8, milestones=[6])
+    run(tiny_raw, tmp_path / "run", epochs=8, milestone_epochs=[6])
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["top1"] > 40  # chance is 25
 
 
@@ -100,7 +100,7 @@ def test_crt_freezes_backbone_and_needs_pretrained(tiny_raw, tmp_path):
     run(tiny_raw, base, epochs=2)
     with pytest.raises(ValueError, match="--pretrained"):
         run(tiny_raw, tmp_path / "crt_bad", method="crt", epochs=1)
-    run(tiny_raw, tmp_path / "crt", method="crt", epochs=2, sampler="balanced",
+    run(tiny_raw, tmp_path / "crt", method="crt", epochs=2, sampler="balanced", crt_freeze_bn=True,
         pretrained=str(base / "backbone.pt"))
     before, after = weights(base), weights(tmp_path / "crt")
     for k, v in after.items():

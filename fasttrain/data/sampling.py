@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLERS = ("uniform", "balanced", "sqrt")
+SAMPLERS = ("uniform", "balanced", "sqrt", "class_aware")
 
 
-def epoch_order(labels: np.ndarray, sampler: str, seed: int, epoch: int) -> np.ndarray:
+def epoch_order(labels: np.ndarray, sampler: str, seed: int, epoch: int, samples_per_class: int = 4) -> np.ndarray:
     """The global order of one epoch: identical on every rank for the same (seed, epoch).
 
-    uniform:  a permutation of all samples.
-    balanced: len(labels) draws; a class uniformly among the classes present, then a sample uniformly
-              within it (with replacement).
-    sqrt:     the same with class probability proportional to sqrt(class count).
+    uniform:     a permutation of all samples.
+    balanced:    len(labels) draws; a class uniformly among the classes present, then a sample uniformly
+                 within it (with replacement).
+    sqrt:        the same with class probability proportional to sqrt(class count).
+    class_aware: len(labels) samples in runs of `samples_per_class` of one class (the Decoupling / paper code's
+                 ClassAwareSampler): classes in turn from a shuffled list of the classes present, reshuffled
+                 after each pass; each class's run continues its own shuffled list, reshuffled when used up.
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -30,10 +33,32 @@ def epoch_order(labels: np.ndarray, sampler: str, seed: int, epoch: int) -> np.n
                          f"(the unlabeled pool?); pass sampling_labels, e.g. pseudo-labels")
     members = np.argsort(labels, kind="stable")                  # sample indices grouped by class
     classes, starts, counts = np.unique(labels[members], return_index=True, return_counts=True)
+    if sampler == "class_aware":
+        return _class_aware(members, starts, counts, n, samples_per_class, rng)
     weights = np.ones(len(classes)) if sampler == "balanced" else np.sqrt(counts)
     drawn = rng.choice(len(classes), size=n, p=weights / weights.sum())
     within = (rng.random(n) * counts[drawn]).astype(np.int64)
     return members[starts[drawn] + within].astype(np.int64)
+
+
+def _class_aware(members, starts, counts, n, per_class, rng) -> np.ndarray:
+    if per_class < 1:
+        raise ValueError(f"samples_per_class must be >= 1, got {per_class}")
+    runs, k = -(-n // per_class), len(counts)
+    passes = -(-runs // k)
+    run_class = np.argsort(rng.random((passes, k)), axis=1).ravel()[:runs]   # shuffled class list, pass by pass
+    out = np.empty((runs, per_class), dtype=np.int64)
+    runs_by_class = np.argsort(run_class, kind="stable")
+    first = np.searchsorted(run_class[runs_by_class], np.arange(k + 1))
+    for c in range(k):
+        mine = runs_by_class[first[c]:first[c + 1]]
+        if not len(mine):
+            continue
+        need = len(mine) * per_class
+        cycles = -(-need // counts[c])                              # passes over this class's shuffled list
+        stream = np.argsort(rng.random((cycles, counts[c])), axis=1).ravel()[:need]
+        out[mine] = members[starts[c] + stream].reshape(-1, per_class)
+    return out.ravel()[:n]
 
 
 def shard_train(order: np.ndarray, rank: int, world: int) -> np.ndarray:

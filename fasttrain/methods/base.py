@@ -5,6 +5,7 @@ views the loader must yield, which module is trained, and what one step's loss i
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,10 @@ class Method:
     def views(self, train: bool) -> list[augment.ViewSpec]:
         if self.dataset.is_raw:
             return [augment.small_train() if train else augment.small_eval()]
-        return [augment.large_train(self.cfg.image_size) if train else augment.large_eval(self.cfg.eval_size)]
+        if not train:
+            return [augment.large_eval(self.cfg.eval_size)]
+        view, j = augment.large_train(self.cfg.image_size), self.cfg.color_jitter
+        return [dataclasses.replace(view, jitter=(j, j, j, 0.0), jitter_p=1.0) if j > 0 else view]
 
     def batch_size(self, per_process: int) -> int:
         """Batch size of the main (labeled) training loader."""

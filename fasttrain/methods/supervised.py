@@ -20,7 +20,7 @@ class Supervised(Method):
         if cfg.head == "cosine" and cfg.loss != "ldam":
             raise ValueError(f"--head cosine gives cosines in [-1, 1] that only LDAM scales (x{cfg.ldam_scale}); "
                              f"use --head linear with --loss {cfg.loss}, or --loss ldam")
-        return build_loss(cfg.loss, class_counts, reweight=cfg.reweight, drw_epoch=cfg.drw_epoch,
+        return build_loss(cfg.loss, class_counts, reweight=cfg.reweight, drw_epoch=cfg.schedule_epochs()["drw"],
                           cb_beta=cfg.cb_beta, focal_gamma=cfg.focal_gamma, ldam_max_margin=cfg.ldam_max_margin,
                           ldam_scale=cfg.ldam_scale, la_tau=cfg.la_tau).to(device)
 
@@ -30,8 +30,10 @@ class Supervised(Method):
 
 
 class ClassifierRetraining(Supervised):
-    """cRT (Kang et al. 2020): backbone from `--pretrained`, frozen (BN statistics too); a fresh classifier
-    is trained, usually with the class-balanced sampler."""
+    """cRT (Kang et al. 2020): backbone from `--pretrained` with its parameters frozen; a fresh classifier is
+    trained, usually with the class-aware sampler. As in the paper's code every module is in train() mode, so
+    the backbone's BatchNorm running statistics keep updating; `--crt-freeze-bn true` keeps them frozen
+    (backbone in eval() mode)."""
     name = "crt"
 
     def build_model(self) -> nn.Module:
@@ -44,8 +46,10 @@ class ClassifierRetraining(Supervised):
         return model
 
     def train_mode(self, model: nn.Module) -> None:
-        model.eval()
-        _unwrap(model).fc.train()
+        model.train()
+        if self.cfg.crt_freeze_bn:
+            model.eval()
+            _unwrap(model).fc.train()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
