@@ -64,7 +64,7 @@ class Part:
             return None
         if self.origin is None:
             return [str(self.images[r]) for r in rows]
-        return [f"{self.images[r]} (listed at {self.origin[r]})" for r in rows]
+        return [f"{self.images[r]} ({self.origin[r]})" for r in rows]
 
 
 @dataclass
@@ -270,7 +270,7 @@ def _split_part(root: Path, split_file: Path, num_classes: int, source: str) -> 
         raise ConvertError(f"{split_file}:{lines[k] + 1}: label {labels[k]} is out of range: {source} has "
                            f"{num_classes} classes (0..{num_classes - 1}); fix the line, or pass --num-classes "
                            f"if the source really has more classes ({len(bad)} such line(s))")
-    origin = [f"{split_file}:{i + 1}" for i in lines]
+    origin = [f"line {i + 1} of {split_file}" for i in lines]
     return Part([str(root / r) for r in rel], labels, source_index=lines, num_indices=n_lines, origin=origin), rel
 
 
