@@ -420,7 +420,7 @@ def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | N
         ask = f"--unlabeled-factor {_number(unlabeled_factor)} --rho-u {_number(rho_u)}"
         if src.pool is not None:
             pool, offset, candidates, pool_name = src.pool, train.index_end, None, src.pool_name
-            fix = "lower --unlabeled-factor or raise --rho-u"
+            fix = "lower --unlabeled-factor"
         elif not src.longtail_given:
             pool, offset, pool_name = train, 0, "train_not_selected"
             candidates = np.setdiff1d(np.arange(len(train)), rows)

@@ -264,3 +264,57 @@ def test_cli_one_line_error_exit_2_and_overwrite(tmp_path, fmnist_root, capsys):
     assert proc.stderr.strip().endswith("pass --overwrite (overwrite=True) to replace it, or pick another --out")
     assert main(args + ["--overwrite", "--seed", "3"]) == 0
     assert DatasetDir(tmp_path / "o").manifest["longtail"]["seed"] == 3
+
+
+# ---------------------------------------------------------------- SVHN-LT exactly as the paper's code builds it
+
+
+def paper_svhn_counts(imb_type: str, imb_factor: float, unlabel_imb_factor: float):
+    """Per-label (digit) labeled and unlabeled counts, transcribed from the paper's dataset/imbalance_svhn.py
+    (SemiSupervisedImbalanceSVHN: get_img_num_per_cls, get_img_num_per_cls_unlabeled, gen_imbalanced_data)."""
+    cls_num, img_max, unlabel_size_factor = 10, 1000, 5
+    img_num_per_cls = []
+    if imb_type == "exp":
+        for cls_idx in range(cls_num):
+            img_num_per_cls.append(int(img_max * (imb_factor ** (cls_idx / (cls_num - 1.0)))))
+    else:  # step
+        img_num_per_cls = [int(img_max)] * (cls_num // 2) + [int(img_max * imb_factor)] * (cls_num // 2)
+    img_unlabeled_total = np.sum(img_num_per_cls) * unlabel_size_factor
+    img_first_min = img_unlabeled_total // cls_num
+    unl = [int(img_first_min * (unlabel_imb_factor ** (i / (cls_num - 1.0)))) for i in range(cls_num)]
+    factor = img_unlabeled_total / np.sum(unl)
+    unl = [int(num * factor) for num in unl]
+    classes = np.unique(np.arange(10))
+    classes = np.concatenate([classes[1:], classes[:1]], axis=0)  # "shift label 0 to the last"
+    labeled = dict(zip(classes.tolist(), img_num_per_cls))
+    unlabeled = dict(zip(classes.tolist(), unl))
+    return [labeled[i] for i in range(10)], [unlabeled[i] for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def svhn_big(tmp_path_factory):
+    """SVHN .mat files in the original layout with 2 x 2 images: 1,000 train and 10,500 extra images per digit."""
+    return make_svhn(tmp_path_factory.mktemp("svhn"), per_class=(1000, 2, 10500), shape=(2, 2, 3))
+
+
+@pytest.mark.parametrize("profile,rho,rho_u", [("exp", 50, 1), ("exp", 100, 100), ("step", 50, 1), ("step", 100, 100)])
+def test_svhn_lt_matches_the_papers_class_counts(svhn_big, tmp_path, profile, rho, rho_u):
+    labeled, unlabeled = paper_svhn_counts(profile, 1 / rho, 1 / rho_u)
+    ds = run("--source", "svhn", "--root", svhn_big, "--profile", profile, "--rho", rho, "--rho-u", rho_u,
+             "--formats", "ffcv", "--out", tmp_path / "out")
+    m = ds.manifest
+    assert m["splits"]["train"]["class_counts"] == labeled and labeled[0] == min(labeled)  # digit 0 rarest
+    assert labeled[1] == 1000 and m["longtail"]["max_per_class"] == 1000
+    assert m["splits"]["unlabeled"]["class_counts"] == unlabeled
+    assert m["splits"]["unlabeled"]["requested_class_counts"] == unlabeled
+    assert m["splits"]["unlabeled"]["shortfall"] == [0] * 10
+    assert m["unlabeled_pool"]["name"] == "svhn_extra" and m["longtail"]["unlabeled_factor"] == 5
+    assert np.array_equal(np.bincount(ds.split("train").labels, minlength=10), labeled)
+    assert np.array_equal(np.bincount(ds.split("unlabeled").true_labels(), minlength=10), unlabeled)
+
+
+def test_svhn_lt_expected_lists():
+    """The paper's lists themselves (so that a change to the transcription above is noticed)."""
+    assert paper_svhn_counts("exp", 1 / 100, 1)[0] == [10, 1000, 599, 359, 215, 129, 77, 46, 27, 16]
+    assert paper_svhn_counts("exp", 1 / 50, 1)[0] == [20, 1000, 647, 419, 271, 175, 113, 73, 47, 30]
+    assert paper_svhn_counts("step", 1 / 50, 1)[0] == [20, 1000, 1000, 1000, 1000, 1000, 20, 20, 20, 20]
