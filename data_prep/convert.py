@@ -269,7 +269,7 @@ def _write_error(e: OSError, out: Path, tmp: Path, writing: dict) -> ConvertErro
         return ConvertError(f"cannot write {where} ({e.strerror}); make {out.parent} writable or pick "
                             f"another --out (nothing was left behind)")
     free = _free_bytes(out.parent)
-    need = f"needs about {_mb(writing['need'])}, " if writing.get("need") else ""
+    need = f"split {writing['split']!r} needs about {_mb(writing['need'])}; " if writing.get("need") else ""
     return ConvertError(f"no space left on the device writing {where} ({need}{_mb(free)} free on the file "
                         f"system of {out.parent}); free space or pick another --out (the partial output was "
                         f"removed)")
@@ -307,7 +307,7 @@ def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_si
                                              skip_bad=skip_bad, desc=name)
             labels, index, skipped = labels[kept], index[kept], skipped + bad
             _require_space(tmp, _split_bytes(store, formats, shard_size), f"split {name!r}")
-        writing["need"] = _split_bytes(store, formats, shard_size)
+        writing.update(need=_split_bytes(store, formats, shard_size), split=name)
         counts = np.bincount(labels[labels >= 0], minlength=num_classes)
         if name == "train" and (empty := np.flatnonzero(counts == 0)).size:
             raise ConvertError(f"split 'train': class {int(empty[0])} has no images ({len(empty)} empty "

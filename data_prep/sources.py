@@ -278,12 +278,13 @@ def _class_dir(rel: str, depth: int) -> str:
     return "/".join(Path(rel).parts[-1 - depth:-1])
 
 
-def _check_class_dirs(parts: list[tuple[Path, list[str], np.ndarray, list[str]]], depth: int) -> None:
+def _check_class_dirs(parts: list[tuple[Path, list[str], np.ndarray, np.ndarray]], depth: int) -> None:
     """Every label must match its class directory (wnid, or supercategory/id) in all split files: one
     directory per label and one label per directory."""
     dir_label, label_dir = {}, {}
-    for split_file, rel, labels, origin in parts:
-        for r, c, where in zip(rel, labels.tolist(), origin):
+    for split_file, rel, labels, lines in parts:
+        for r, c, line in zip(rel, labels.tolist(), lines.tolist()):
+            where = f"{split_file}:{line + 1}"
             d = _class_dir(r, depth)
             if dir_label.setdefault(d, (c, where))[0] != c:
                 c0, w0 = dir_label[d]
@@ -315,14 +316,14 @@ def read_split_source(name: str, root: Path, split_file: Path | None, val_split_
         c = int(read_split_lines(split_file)[1].max()) + 1
     depth = 1 if name != "inat2018" else 2
     train, rel = _split_part(root, split_file, c, name)
-    checked = [(split_file, rel, train.labels, train.origin)]
+    checked = [(split_file, rel, train.labels, train.source_index)]
     src = Source(name, root, "jpeg", _class_names_from_paths(rel, train.labels, c, depth),
                  train=train, longtail_given=True, files={"split_file": str(split_file)})
     for role, path in (("val", val_split_file), ("test", test_split_file)):
         if path is not None:
             part, part_rel = _split_part(root, path, c, name)
             setattr(src, role, part)
-            checked.append((path, part_rel, part.labels, part.origin))
+            checked.append((path, part_rel, part.labels, part.source_index))
             src.files[f"{role}_split_file"] = str(path)
     if name in SPLIT_SOURCE_CLASSES:
         _check_class_dirs(checked, depth)

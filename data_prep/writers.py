@@ -174,8 +174,8 @@ def prepare_jpegs(items, path: Path, *, max_side: int, quality: int, workers: in
     if bad and not skip_bad:
         listed = "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:MAX_LISTED])
         more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise ConvertError(f"split {desc!r}: {len(bad)} bad image(s): {listed}{more}; restore or remove them "
-                           f"(a line of a split file: restore the file or delete the line), or pass --skip-bad "
+        raise ConvertError(f"split {desc!r}: {len(bad)} bad image(s): {listed}{more}; restore each file or "
+                           f"remove it from the source (for a split file: delete its line), or pass --skip-bad "
                            f"to skip them (they are then listed in manifest.json)")
     return (JpegStore(path, np.asarray(offsets, np.int64), np.asarray(shapes, np.int64).reshape(-1, 2)),
             np.asarray(kept, np.int64), bad)
