@@ -251,8 +251,6 @@ def write_dataset(out, splits: dict[str, dict], *, num_classes: int, encoding: s
         _publish(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno not in SPACE_ERRORS + ACCESS_ERRORS:
-            raise
         raise _write_error(e, out, tmp, writing) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -267,7 +265,10 @@ def _write_error(e: OSError, out: Path, tmp: Path, writing: dict) -> ConvertErro
     where = f"{out}/{rel}" if rel else str(out)
     if e.errno in ACCESS_ERRORS:
         return ConvertError(f"cannot write {where} ({e.strerror}); make {out.parent} writable or pick "
-                            f"another --out (nothing was left behind)")
+                            f"another --out (the partial output was removed)")
+    if e.errno not in SPACE_ERRORS:
+        return ConvertError(f"writing {where} failed ({type(e).__name__}: {e}); check the disk of {out.parent} "
+                            f"and convert again (the partial output was removed)")
     free = _free_bytes(out.parent)
     need = f"split {writing['split']!r} needs about {_mb(writing['need'])}; " if writing.get("need") else ""
     return ConvertError(f"no space left on the device writing {where} ({need}{_mb(free)} free on the file "

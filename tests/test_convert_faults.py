@@ -90,6 +90,37 @@ def test_injected_writer_failure_ends_with_one_line_and_removes_temp(fmnist_root
     assert leftovers(tmp_path) == []
 
 
+def test_any_write_error_is_one_line_and_removes_temp(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(convert_mod, "write_dali", broken)
+    x, y = class_images([3, 3])
+    with pytest.raises(ConvertError, match=rf"writing {tmp_path}/ds/dali/train failed \(OSError: \[Errno 5\] "
+                                           rf"Input/output error\); check the disk .*partial output was removed"):
+        write_dataset(tmp_path / "ds", {"train": {"images": x, "labels": y}}, num_classes=2, encoding="raw",
+                      formats=("dali",))
+    assert leftovers(tmp_path) == []
+
+
+class _KillsItsWorker(list):
+    def __getitem__(self, i):
+        if i == 5 and os.getpid() != PARENT:
+            os._exit(1)  # a worker killed mid-job (as by the OOM killer)
+        return list.__getitem__(self, i)
+
+
+PARENT = os.getpid()
+
+
+def test_dead_image_worker_is_an_error_not_a_hang(tmp_path):
+    rng = np.random.default_rng(0)
+    items = _KillsItsWorker([jpeg_bytes(natural_image(rng, 16, 16)) for _ in range(20)])
+    with pytest.raises(ConvertError, match="a worker process died while preparing train images .*--workers"):
+        write_dataset(tmp_path / "ds", {"train": {"images": items, "labels": np.arange(20) % 2}}, num_classes=2,
+                      encoding="jpeg", formats=("dali",), workers=2)
+    assert leftovers(tmp_path) == []
+
+
 def test_real_full_disk_refused_before_writing(fmnist_root, tmp_path):
     with tmpfs(tmp_path / "small", "2m") as small:
         with pytest.raises(ConvertError, match=r"--out .*/small/out: needs about \d+\.\d MB but only 2\.1 MB is "

@@ -104,6 +104,20 @@ def test_cifar10_with_tinyimages_pool_and_shortfall(tmp_path):
     assert np.array_equal(unl.true_labels(), ti["extrapolated_targets"][di - 400])
 
 
+def test_cifar10_without_tinyimages_needs_the_pool_file_or_the_flag(tmp_path):
+    make_cifar10(tmp_path / "src")
+    args = ["--source", "cifar10", "--root", tmp_path / "src", "--max-per-class", 30, "--rho", 10, "--rho-u", 1,
+            "--formats", "dali", "--out", tmp_path / "out"]
+    with pytest.raises(ConvertError, match=r"pool \(train_not_selected\) cannot supply what --unlabeled-factor 5 "
+                                           r"--rho-u 1 asks for: needs 590 images, has 282 of them .*pass "
+                                           r"--unlabeled-file with the TinyImages pool"):
+        run(*args)
+    ds = run(*args, "--allow-smaller-pool")
+    pool = ds.manifest["unlabeled_pool"]
+    assert pool["requested"] == 590 and pool["selected"] == 282 and pool["allow_smaller_pool"] is True
+    assert sum(ds.manifest["splits"]["unlabeled"]["shortfall"]) == 590 - 282
+
+
 def test_cifar100(tmp_path):
     make_cifar100(tmp_path / "src")
     ds = run("--source", "cifar100", "--root", tmp_path / "src", "--max-per-class", 10, "--rho", 5,
