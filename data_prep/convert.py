@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import math
+import numbers
 import os
 import shlex
 import shutil
@@ -93,8 +94,8 @@ def _free_bytes(path: Path) -> int:
 def _require_space(where: Path, need: int, what: str) -> None:
     free = _free_bytes(where)
     if need > free:
-        raise ConvertError(f"--out {what}: needs about {_mb(need)} but only {_mb(free)} is free on the file "
-                           f"system of {where}; free space or pick another --out")
+        raise ConvertError(f"{what}: needs about {_mb(need)} but only {_mb(free)} is free on the file system "
+                           f"of {where}; free space or pick another --out")
 
 
 def _split_bytes(store, formats, shard_size: int) -> int:
@@ -185,11 +186,11 @@ def check_write_options(*, formats, shard_size: int, max_side: int, jpeg_quality
         raise ConvertError(f"--formats: no format given; use a non-empty subset of {','.join(FORMATS)}")
     if unknown := set(formats) - set(FORMATS):
         raise ConvertError(f"--formats: unknown format(s) {sorted(unknown)}; use a subset of {','.join(FORMATS)}")
-    if not (isinstance(shard_size, int) and shard_size >= 1):
+    if not (isinstance(shard_size, numbers.Integral) and shard_size >= 1):
         raise ConvertError(f"--shard-size {shard_size}: must be at least 1 (samples per DALI tar shard)")
-    if not (isinstance(max_side, int) and max_side >= 8):
+    if not (isinstance(max_side, numbers.Integral) and max_side >= 8):
         raise ConvertError(f"--max-side {max_side}: must be at least 8 (pixels of the longer image side)")
-    if not (isinstance(jpeg_quality, int) and 1 <= jpeg_quality <= 100):
+    if not (isinstance(jpeg_quality, numbers.Integral) and 1 <= jpeg_quality <= 100):
         raise ConvertError(f"--jpeg-quality {jpeg_quality}: must be in 1..100")
     default_workers(workers)
 
@@ -221,10 +222,10 @@ def write_dataset(out, splits: dict[str, dict], *, num_classes: int, encoding: s
     _clean_stale(out)
     if encoding == "raw":  # the whole size is known: refuse before writing anything
         need = sum(_split_bytes(RawStore(np.asarray(spec["images"])), formats, shard_size) for spec in splits.values())
-        _require_space(out.parent, need, f"{out}")
+        _require_space(out.parent, need, f"--out {out}")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
-    writing = {"file": tmp, "need": None}  # what is being written now (for the full-disk message)
+    writing = {"file": tmp, "need": None, "out": out}  # what is being written now (for error messages)
     try:
         manifest = _write_splits(tmp, splits, num_classes=num_classes, encoding=encoding, formats=formats,
                                  shard_size=shard_size, max_side=max_side, jpeg_quality=jpeg_quality,
@@ -307,7 +308,7 @@ def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_si
                                              quality=jpeg_quality, workers=workers, names=names,
                                              skip_bad=skip_bad, desc=name)
             labels, index, skipped = labels[kept], index[kept], skipped + bad
-            _require_space(tmp, _split_bytes(store, formats, shard_size), f"split {name!r}")
+            _require_space(tmp, _split_bytes(store, formats, shard_size), f"--out {writing['out']}, split {name!r}")
         writing.update(need=_split_bytes(store, formats, shard_size), split=name)
         counts = np.bincount(labels[labels >= 0], minlength=num_classes)
         if name == "train" and (empty := np.flatnonzero(counts == 0)).size:
@@ -499,7 +500,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args) -> list[str]:
     """Every flag checked before any work starts: a ConvertError naming the flag and the fix. Returns the
     formats."""
-    from data_prep.longtail import PROFILES
     from data_prep.sources import SOURCES
     if args.source not in SOURCES:
         raise ConvertError(f"unknown source {args.source!r}; use one of {', '.join(SOURCES)}")
@@ -509,8 +509,6 @@ def check_args(args) -> list[str]:
     for flag, value in (("--rho", args.rho), ("--rho-u", args.rho_u)):
         if not (math.isfinite(value) and value >= 1):
             raise ConvertError(f"{flag} {value}: must be a number >= 1 (the ratio largest / smallest class)")
-    if args.profile is not None and args.profile not in PROFILES:
-        raise ConvertError(f"--profile {args.profile}: use one of {', '.join(PROFILES)}")
     if args.max_per_class is not None and args.max_per_class < 1:
         raise ConvertError(f"--max-per-class {args.max_per_class}: must be at least 1 (omit it for the default)")
     if args.unlabeled_factor is not None and not (math.isfinite(args.unlabeled_factor) and args.unlabeled_factor >= 0):

@@ -228,8 +228,8 @@ def write_ffcv(path: Path, store, labels: np.ndarray, index: np.ndarray, *, max_
         try:
             for i in range(len(store)):
                 value = store.image(i) if store.encoding == "raw" else (store.payload(i), store.shapes[i])
-                handle_sample((value, int(labels[i]), int(index[i])), i, writer.metadata_type.names, metadata, allocator,
-                              encoders)
+                handle_sample((value, int(labels[i]), int(index[i])), i, writer.metadata_type.names, metadata,
+                              allocator, encoders)
             allocator.flush_page()
         finally:
             allocator.fp.close()

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_prep_fixtures import class_images, jpeg_bytes, make_fmnist, make_folder, make_imagenet, make_inat, natural_image
+from data_prep_fixtures import (class_images, jpeg_bytes, make_fmnist, make_folder, make_imagenet, make_inat,
+                                natural_image)
 
 import data_prep.convert as convert_mod
 import data_prep.sources as sources_mod
 from data_prep import ConvertError
-from data_prep.convert import convert, main, write_dataset
+from data_prep.convert import convert, write_dataset
 from fasttrain.dataset import DatasetDir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -250,7 +250,8 @@ def test_bad_sources(tmp_path, fmnist_root):
 
 def test_bad_labels_and_empty_classes(tmp_path):
     root, train_split, _ = make_inat(tmp_path / "inat")
-    with pytest.raises(ConvertError, match="iNaturalist18_train.txt:13: label 3 is out of range: inat2018 has 3 classes"):
+    with pytest.raises(ConvertError, match="iNaturalist18_train.txt:13: label 3 is out of range: inat2018 has 3 "
+                                           "classes"):
         run("--source", "inat2018", "--root", root, "--split-file", train_split, "--num-classes", 3,
             "--out", tmp_path / "o")
     with pytest.raises(ConvertError, match="class 4 \\(4\\) has no training images"):
