@@ -8,9 +8,12 @@ API: `write_dataset(out, splits, ...)` writes prepared splits; `convert(args)` b
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import hashlib
 import json
+import math
+import numbers
 import os
 import shlex
 import shutil
@@ -23,11 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import ConvertError
-from data_prep.writers import RawStore, default_workers, prepare_jpegs, write_dali, write_ffcv
+from data_prep.writers import RawStore, dali_bytes, default_workers, prepare_jpegs, write_dali, write_ffcv
 
 FORMAT_VERSION = 1
 FORMATS = ("ffcv", "dali")
 STATS_SAMPLE = 1000  # decoded train images used for mean/std of jpeg sets
+FFCV_PAGE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE (a .beton wastes at most about a page)
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+ACCESS_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 # ---------------------------------------------------------------- output directory (temp name + rename)
@@ -61,6 +67,46 @@ def check_out(out: Path, overwrite: bool) -> None:
     if not out.is_dir() or any(out.iterdir()):
         raise ConvertError(f"{out} exists and is not an empty directory; pass --overwrite to replace it, "
                            f"or pick another --out")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def check_out_writable(out: Path) -> None:
+    """--out's parent exists (or is created) and accepts files; else a ConvertError naming the fix."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        fix = "free space on it" if e.errno in SPACE_ERRORS else "make it writable"
+        raise ConvertError(f"--out {out}: cannot create files in {out.parent} ({why}); {fix} or pick "
+                           f"another --out") from None
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _require_space(where: Path, need: int, what: str) -> None:
+    free = _free_bytes(where)
+    if need > free:
+        raise ConvertError(f"{what}: needs about {_mb(need)} but only {_mb(free)} is free on the file system "
+                           f"of {where}; free space or pick another --out")
+
+
+def _split_bytes(store, formats, shard_size: int) -> int:
+    """Bytes the formats of one split take on disk (an estimate, a little high)."""
+    n = len(store)
+    need = 16 * n + 1024  # meta arrays
+    if "ffcv" in formats:
+        need += store.nbytes + 40 * n + 2 * FFCV_PAGE + 4096
+    if "dali" in formats:
+        need += dali_bytes(store, shard_size)
+    return need
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -134,6 +180,21 @@ def _check_labels(name: str, labels: np.ndarray, num_classes: int, labeled: bool
                            f"[0, {num_classes}); fix the labels or set num_classes (--num-classes)")
 
 
+def check_write_options(*, formats, shard_size: int, max_side: int, jpeg_quality: int, workers) -> None:
+    """The writer options, checked before any work (one ConvertError naming the flag)."""
+    if not formats:
+        raise ConvertError(f"--formats: no format given; use a non-empty subset of {','.join(FORMATS)}")
+    if unknown := set(formats) - set(FORMATS):
+        raise ConvertError(f"--formats: unknown format(s) {sorted(unknown)}; use a subset of {','.join(FORMATS)}")
+    if not (isinstance(shard_size, numbers.Integral) and shard_size >= 1):
+        raise ConvertError(f"--shard-size {shard_size}: must be at least 1 (samples per DALI tar shard)")
+    if not (isinstance(max_side, numbers.Integral) and max_side >= 8):
+        raise ConvertError(f"--max-side {max_side}: must be at least 8 (pixels of the longer image side)")
+    if not (isinstance(jpeg_quality, numbers.Integral) and 1 <= jpeg_quality <= 100):
+        raise ConvertError(f"--jpeg-quality {jpeg_quality}: must be in 1..100")
+    default_workers(workers)
+
+
 def write_dataset(out, splits: dict[str, dict], *, num_classes: int, encoding: str,
                   formats=FORMATS, shard_size: int = 1000, max_side: int = 256, jpeg_quality: int = 90,
                   class_names=None, extra_manifest: dict | None = None, workers: int | None = None,
@@ -144,28 +205,41 @@ def write_dataset(out, splits: dict[str, dict], *, num_classes: int, encoding: s
     array (jpeg), "labels": int array (the true labels for "unlabeled": written to
     unlabeled.true_labels.npy, -1 in the files), "source_index": int array (default arange),
     optional "requested_class_counts" (-> manifest shortfall), optional "names" (per item, for errors)}.
-    Everything is written to a temp dir next to `out`, the manifest last, then renamed into place.
+    Everything is written to a temp dir next to `out`, the manifest last, then renamed into place. Any
+    failure removes the temp dir; a full disk or unwritable --out is a ConvertError naming the file.
     """
     out = Path(out).absolute()
     formats = tuple(formats)
     if encoding not in ("raw", "jpeg"):
         raise ConvertError(f"encoding {encoding!r} must be 'raw' or 'jpeg'")
-    if unknown := set(formats) - set(FORMATS):
-        raise ConvertError(f"unknown format(s) {sorted(unknown)}; use a subset of {','.join(FORMATS)}")
+    check_write_options(formats=formats, shard_size=shard_size, max_side=max_side, jpeg_quality=jpeg_quality,
+                        workers=workers)
     if "train" not in splits:
         raise ConvertError(f"no 'train' split given (got {sorted(splits)})")
     workers = default_workers(workers)
     check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_out_writable(out)
     _clean_stale(out)
+    if encoding == "raw":  # the whole size is known: refuse before writing anything
+        need = sum(_split_bytes(RawStore(np.asarray(spec["images"])), formats, shard_size) for spec in splits.values())
+        _require_space(out.parent, need, f"--out {out}")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
+    writing = {"file": tmp, "need": None, "out": out}  # what is being written now (for error messages)
     try:
         manifest = _write_splits(tmp, splits, num_classes=num_classes, encoding=encoding, formats=formats,
                                  shard_size=shard_size, max_side=max_side, jpeg_quality=jpeg_quality,
-                                 workers=workers, skip_bad=skip_bad)
+                                 workers=workers, skip_bad=skip_bad, writing=writing)
         extra = dict(extra_manifest or {})
         manifest["skipped"] = list(extra.pop("skipped", [])) + manifest["skipped"]
+        if manifest["skipped"] and isinstance(extra.get("longtail"), dict):
+            longtail = dict(extra["longtail"])  # n_max as kept, after skipped images
+            kept_max = max(manifest["splits"]["train"]["class_counts"])
+            if kept_max != longtail.get("max_per_class"):
+                longtail["requested_max_per_class"] = longtail.get("max_per_class")
+                longtail["max_per_class"] = kept_max
+            extra["longtail"] = longtail
+        writing["file"] = tmp / "manifest.json"
         manifest = {"format_version": FORMAT_VERSION, "num_classes": int(num_classes),
                     "class_names": [str(c) for c in class_names] if class_names is not None
                     else [str(i) for i in range(num_classes)],
@@ -176,38 +250,66 @@ def write_dataset(out, splits: dict[str, dict], *, num_classes: int, encoding: s
         (tmp / "manifest.json.part").write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp / "manifest.json.part", tmp / "manifest.json")
         _publish(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, out, tmp, writing) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _write_error(e: OSError, out: Path, tmp: Path, writing: dict) -> ConvertError:
+    """One line for a failed write: which file, and for a full disk how much space is needed / free."""
+    name = Path(writing["file"])
+    rel = name.relative_to(tmp).as_posix() if name.is_relative_to(tmp) and name != tmp else ""
+    where = f"{out}/{rel}" if rel else str(out)
+    if e.errno in ACCESS_ERRORS:
+        return ConvertError(f"cannot write {where} ({e.strerror}); make {out.parent} writable or pick "
+                            f"another --out (the partial output was removed)")
+    if e.errno not in SPACE_ERRORS:
+        return ConvertError(f"writing {where} failed ({type(e).__name__}: {e}); check the disk of {out.parent} "
+                            f"and convert again (the partial output was removed)")
+    free = _free_bytes(out.parent)
+    need = f"split {writing['split']!r} needs about {_mb(writing['need'])}; " if writing.get("need") else ""
+    return ConvertError(f"no space left on the device writing {where} ({need}{_mb(free)} free on the file "
+                        f"system of {out.parent}); free space or pick another --out (the partial output was "
+                        f"removed)")
+
+
 def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_size, max_side,
-                  jpeg_quality, workers, skip_bad) -> dict:
+                  jpeg_quality, workers, skip_bad, writing) -> dict:
     entries, skipped, image_info = {}, [], None
     for name, spec in splits.items():
-        labeled = name != "unlabeled"
         labels = np.asarray(spec["labels"], dtype=np.int64)
         n = len(labels)
         index = np.asarray(spec.get("source_index", np.arange(n)), dtype=np.int64)
-        images = spec["images"]
-        if len(images) != n or len(index) != n:
-            raise ConvertError(f"split {name!r}: {len(images)} images, {n} labels and {len(index)} source "
-                               f"indices; they must have the same length")
-        _check_labels(name, labels, num_classes, labeled)
+        if len(spec["images"]) != n or len(index) != n:
+            raise ConvertError(f"split {name!r}: {len(spec['images'])} images, {n} labels and {len(index)} "
+                               f"source indices; they must have the same length")
+        _check_labels(name, labels, num_classes, name != "unlabeled")
         if encoding == "raw":
-            images = np.asarray(images)
+            images = np.asarray(spec["images"])
             if images.dtype != np.uint8 or images.ndim != 4:
                 raise ConvertError(f"split {name!r}: raw images must be a uint8 N x H x W x C array, "
                                    f"got {images.dtype} {images.shape}")
-            store = RawStore(images)
+    for name, spec in splits.items():
+        labeled = name != "unlabeled"
+        labels = np.asarray(spec["labels"], dtype=np.int64)
+        index = np.asarray(spec.get("source_index", np.arange(len(labels))), dtype=np.int64)
+        images = spec["images"]
+        if encoding == "raw":
+            store = RawStore(np.asarray(images))
         else:
             names = spec.get("names") or [str(x) if isinstance(x, (str, Path)) else f"{name}[{i}] (source "
                                           f"index {index[i]})" for i, x in enumerate(images)]
+            writing.update(file=tmp / f".{name}.jpegs", need=None)
             store, kept, bad = prepare_jpegs(images, tmp / f".{name}.jpegs", max_side=max_side,
                                              quality=jpeg_quality, workers=workers, names=names,
                                              skip_bad=skip_bad, desc=name)
             labels, index, skipped = labels[kept], index[kept], skipped + bad
+            _require_space(tmp, _split_bytes(store, formats, shard_size), f"--out {writing['out']}, split {name!r}")
+        writing.update(need=_split_bytes(store, formats, shard_size), split=name)
         counts = np.bincount(labels[labels >= 0], minlength=num_classes)
         if name == "train" and (empty := np.flatnonzero(counts == 0)).size:
             raise ConvertError(f"split 'train': class {int(empty[0])} has no images ({len(empty)} empty "
@@ -220,15 +322,19 @@ def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_si
             entry["requested_class_counts"] = requested.tolist()
             entry["shortfall"] = np.maximum(requested - counts, 0).tolist()
         if "ffcv" in formats:
+            writing["file"] = tmp / f"{name}.beton"
             write_ffcv(tmp / f"{name}.beton", store, file_labels, index, max_side=max_side,
-                       jpeg_quality=jpeg_quality, workers=workers)
+                       jpeg_quality=jpeg_quality)
             entry["ffcv"] = f"{name}.beton"
         if "dali" in formats:
+            writing["file"] = tmp / "dali" / name
             write_dali(tmp / "dali" / name, store, file_labels, index, shard_size=shard_size, desc=name)
             entry["dali"] = f"dali/{name}"
+        writing["file"] = tmp / f"{name}.meta.npz"
         np.savez(tmp / f"{name}.meta.npz", labels=file_labels, source_index=index)
         entry["meta"] = f"{name}.meta.npz"
         if not labeled:
+            writing["file"] = tmp / f"{name}.true_labels.npy"
             np.save(tmp / f"{name}.true_labels.npy", labels)
             entry["true_labels"] = f"{name}.true_labels.npy"
         if name == "train":
@@ -247,12 +353,36 @@ def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_si
 # ---------------------------------------------------------------- source -> splits
 
 
+def _by_label(rank_counts: list[int], order: list[int]) -> list[int]:
+    """Counts listed head to tail (rank) -> counts per label, class order[r] getting rank_counts[r]."""
+    counts = [0] * len(order)
+    for rank, label in enumerate(order):
+        counts[label] = rank_counts[rank]
+    return counts
+
+
+def _pool_shortfall_error(pool_name: str, requested, have, args_text: str, fix: str) -> ConvertError:
+    requested, have = np.asarray(requested), np.asarray(have)
+    short = np.flatnonzero(have < requested)
+    shown = ", ".join(f"class {c} needs {requested[c]}, has {have[c]}" for c in short[:5])
+    more = f" and {len(short) - 5} more classes" if len(short) > 5 else ""
+    return ConvertError(f"the unlabeled pool ({pool_name}) cannot supply what {args_text} asks for: needs "
+                        f"{int(requested.sum())} images, has {int(np.minimum(have, requested).sum())} of them "
+                        f"({shown}{more}); {fix}, or pass --allow-smaller-pool to accept a smaller pool "
+                        f"(recorded in manifest.json)")
+
+
 def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | None, rho_u: float,
-                 unlabeled_factor: float, seed: int) -> tuple[dict, dict]:
-    """The long-tailed train split, the unlabeled pool and the eval splits of `src`; plus manifest info."""
+                 unlabeled_factor: float | None, seed: int, allow_smaller_pool: bool = False) -> tuple[dict, dict]:
+    """The long-tailed train split, the unlabeled pool and the eval splits of `src`; plus manifest info.
+
+    Class sizes follow `src.class_order` (head first: SVHN's is 1..9, 0 as in the paper). The pool has
+    `unlabeled_factor` x the labeled size with profile rho_u; a pool that cannot supply that is a
+    ConvertError unless `allow_smaller_pool`. `unlabeled_factor=None`: 5 where the source has a pool."""
     from data_prep.longtail import class_counts, select, unlabeled_counts
 
     c, train = src.num_classes, src.train
+    order = list(src.class_order) if src.class_order is not None else list(range(c))
     for name, part in (("train", train), ("test", src.test), ("val", src.val)):
         if part is not None:
             _check_labels(f"{src.name} {name}", part.labels, c, labeled=True)
@@ -271,38 +401,56 @@ def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | N
         available = int(have.min())
         if max_per_class is not None and max_per_class > available and profile == "none":
             raise ConvertError(f"--max-per-class {max_per_class} but the smallest class has {available} images")
-        n_max = max_per_class or available
-        counts = class_counts(c, n_max, profile, rho)
+        n_max = max_per_class or src.default_n_max or available
+        counts = _by_label(class_counts(c, n_max, profile, rho), order)
         if 0 in counts:
             raise ConvertError(f"--profile {profile} with n_max {n_max} and --rho {_number(rho)} leaves class "
                                f"{counts.index(0)} with 0 images; raise --max-per-class or lower --rho")
         rows = select(train.labels, counts, seed)
-    splits = {"train": dict(zip(("images", "labels"), train.take(rows)), source_index=rows)}
+    train_index = train.index[rows]
+    splits = {"train": dict(zip(("images", "labels"), train.take(rows)), source_index=train_index,
+                            names=train.names(rows))}
+    has_pool = src.pool is not None or not src.longtail_given
+    if unlabeled_factor is None:
+        unlabeled_factor = 5 if has_pool else 0
     info = {"longtail": {"profile": profile, "rho": None if profile == "split-file" else _number(rho),
                          "max_per_class": n_max, "rho_u": _number(rho_u),
                          "unlabeled_factor": _number(unlabeled_factor), "seed": seed}}
     if unlabeled_factor > 0:
-        requested = unlabeled_counts(c, int(round(unlabeled_factor * len(rows))), rho_u)
+        total = int(round(unlabeled_factor * len(rows)))
+        requested = _by_label(unlabeled_counts(c, total, rho_u), order)
+        ask = f"--unlabeled-factor {_number(unlabeled_factor)} --rho-u {_number(rho_u)}"
         if src.pool is not None:
-            pool, offset, candidates, pool_name = src.pool, len(train), None, src.pool_name
+            pool, offset, candidates, pool_name = src.pool, train.index_end, None, src.pool_name
+            fix = "lower --unlabeled-factor"
         elif not src.longtail_given:
             pool, offset, pool_name = train, 0, "train_not_selected"
             candidates = np.setdiff1d(np.arange(len(train)), rows)
+            fix = ("pass --unlabeled-file with the TinyImages pool (ti_80M_selected.pickle, the paper's pool), "
+                   "lower --unlabeled-factor" if src.name == "cifar10" else "lower --unlabeled-factor")
         else:
-            pool = None
-            print(f"note: {src.name} has no unlabeled pool; writing no 'unlabeled' split", file=sys.stderr)
-        if pool is not None:
-            picked = select(pool.labels, requested, [seed, 1], candidates=candidates, allow_shortfall=True)
-            if len(picked):
-                images, labels = pool.take(picked)
-                splits["unlabeled"] = {"images": images, "labels": labels, "source_index": picked + offset,
-                                       "requested_class_counts": requested}
-            info["unlabeled_pool"] = {"name": pool_name, "size": len(pool) if candidates is None else len(candidates),
-                                      "source_index_offset": offset}
+            raise ConvertError(f"--unlabeled-factor {_number(unlabeled_factor)}: {src.name} has no unlabeled "
+                               f"pool; pass --unlabeled-factor 0")
+        pool_labels = pool.labels if candidates is None else pool.labels[candidates]
+        pool_have = np.bincount(pool_labels[pool_labels >= 0], minlength=c)[:c]
+        if np.any(pool_have < requested) and not allow_smaller_pool:
+            raise _pool_shortfall_error(pool_name, requested, pool_have, ask, fix)
+        picked = select(pool.labels, requested, [seed, 1], candidates=candidates, allow_shortfall=True)
+        if len(picked):
+            images, labels = pool.take(picked)
+            splits["unlabeled"] = {"images": images, "labels": labels, "source_index": pool.index[picked] + offset,
+                                   "requested_class_counts": requested, "names": pool.names(picked)}
+        info["unlabeled_pool"] = {"name": pool_name, "size": len(pool) if candidates is None else len(candidates),
+                                  "source_index_offset": offset, "requested": int(sum(requested)),
+                                  "selected": int(len(picked)), "allow_smaller_pool": bool(allow_smaller_pool)}
     for name in ("test", "val"):
         part = getattr(src, name)
         if part is not None:
-            splits[name] = {"images": part.images, "labels": part.labels}
+            splits[name] = {"images": part.images, "labels": part.labels, "source_index": part.index,
+                            "names": part.names(np.arange(len(part)))}
+    for spec in splits.values():
+        if spec.get("names") is None:
+            spec.pop("names", None)
     return splits, info
 
 
@@ -333,14 +481,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="long-tail profile for balanced sources (default exp; not for split-file sources)")
     p.add_argument("--rho", type=float, default=100, help="imbalance ratio n_max / n_min")
     p.add_argument("--max-per-class", type=int, default=None,
-                   help="n_max (default: the smallest class count of the source train split)")
+                   help="n_max (default: svhn 1000 as in the paper; else the smallest class count of the source "
+                        "train split)")
     p.add_argument("--rho-u", type=float, default=None, help="imbalance ratio of the unlabeled pool (default: --rho)")
-    p.add_argument("--unlabeled-factor", type=float, default=5, help="pool size / labeled train size (0: no pool)")
+    p.add_argument("--unlabeled-factor", type=float, default=None,
+                   help="pool size / labeled train size (0: no pool; default 5, or 0 for a source without a pool)")
+    p.add_argument("--allow-smaller-pool", action="store_true",
+                   help="accept an unlabeled pool smaller than --unlabeled-factor asks for (recorded in the manifest)")
     p.add_argument("--unlabeled-file", type=Path, default=None, help="cifar10: TinyImages pool pickle")
     p.add_argument("--split-file", type=Path, default=None, help="imagenet_lt/inat2018/folder: train list")
     p.add_argument("--val-split-file", type=Path, default=None)
     p.add_argument("--test-split-file", type=Path, default=None)
-    p.add_argument("--num-classes", type=int, default=None, help="split-file sources (default: max label + 1)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="split-file sources (default: imagenet_lt 1000, inat2018 8142, folder max label + 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--formats", default="ffcv,dali", help="comma-separated subset of ffcv,dali")
     p.add_argument("--shard-size", type=int, default=1000, help="DALI samples per tar shard")
@@ -355,23 +508,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_args(args) -> list[str]:
+    """Every flag checked before any work starts: a ConvertError naming the flag and the fix. Returns the
+    formats."""
+    from data_prep.sources import SOURCES
+    if args.source not in SOURCES:
+        raise ConvertError(f"unknown source {args.source!r}; use one of {', '.join(SOURCES)}")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    check_write_options(formats=formats, shard_size=args.shard_size, max_side=args.max_side,
+                        jpeg_quality=args.jpeg_quality, workers=args.workers)
+    for flag, value in (("--rho", args.rho), ("--rho-u", args.rho_u)):
+        if not (math.isfinite(value) and value >= 1):
+            raise ConvertError(f"{flag} {value}: must be a number >= 1 (the ratio largest / smallest class)")
+    if args.max_per_class is not None and args.max_per_class < 1:
+        raise ConvertError(f"--max-per-class {args.max_per_class}: must be at least 1 (omit it for the default)")
+    if args.unlabeled_factor is not None and not (math.isfinite(args.unlabeled_factor) and args.unlabeled_factor >= 0):
+        raise ConvertError(f"--unlabeled-factor {args.unlabeled_factor}: must be >= 0 (0: no unlabeled pool)")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ConvertError(f"--num-classes {args.num_classes}: must be at least 1")
+    if args.seed < 0:
+        raise ConvertError(f"--seed {args.seed}: must be >= 0")
+    if args.unlabeled_file is not None and args.source != "cifar10":
+        raise ConvertError(f"--unlabeled-file is for --source cifar10 (TinyImages); {args.source} takes its "
+                           f"pool from its own data")
+    if args.unlabeled_factor == 0 and args.allow_smaller_pool:
+        raise ConvertError("--allow-smaller-pool with --unlabeled-factor 0: there is no pool; drop one of them")
+    if not Path(args.root).exists():
+        raise ConvertError(f"--root {args.root}: no such directory; point it at the source in its original format")
+    for flag, path in (("--split-file", args.split_file), ("--val-split-file", args.val_split_file),
+                       ("--test-split-file", args.test_split_file), ("--unlabeled-file", args.unlabeled_file)):
+        if path is not None and not Path(path).is_file():
+            raise ConvertError(f"{flag} {path}: no such file")
+    return formats
+
+
 def convert(args, command: str | None = None) -> Path:
     """Source -> dataset directory. `args`: a parsed Namespace or a list of CLI arguments."""
     from data_prep.sources import read_source
     if not isinstance(args, argparse.Namespace):
         command = command or " ".join(["python -m data_prep.convert", *map(shlex.quote, map(str, args))])
         args = parse_args([str(a) for a in args])
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    if args.unlabeled_file is not None and args.source != "cifar10":
-        raise ConvertError(f"--unlabeled-file is for --source cifar10 (TinyImages); {args.source} takes its "
-                           f"pool from its own data")
-    check_out(args.out.absolute(), args.overwrite)
+    formats = check_args(args)
+    out = args.out.absolute()
+    check_out(out, args.overwrite)
+    check_out_writable(out)
     src = read_source(args.source, args.root, unlabeled_file=args.unlabeled_file,
-                      with_pool=args.unlabeled_factor > 0, split_file=args.split_file,
+                      with_pool=args.unlabeled_factor != 0, split_file=args.split_file,
                       val_split_file=args.val_split_file, test_split_file=args.test_split_file,
                       num_classes=args.num_classes)
     splits, info = build_splits(src, profile=args.profile, rho=args.rho, max_per_class=args.max_per_class,
-                                rho_u=args.rho_u, unlabeled_factor=args.unlabeled_factor, seed=args.seed)
+                                rho_u=args.rho_u, unlabeled_factor=args.unlabeled_factor, seed=args.seed,
+                                allow_smaller_pool=args.allow_smaller_pool)
     extra = {"source": src.name, "source_root": str(Path(args.root).absolute()), "source_files": src.files,
              **info, "command": command or " ".join(map(shlex.quote, [sys.executable] + sys.argv))}
     return write_dataset(args.out, splits, num_classes=src.num_classes, encoding=src.encoding, formats=formats,
@@ -386,6 +573,9 @@ def main(argv=None) -> int:
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the partial output was removed", file=sys.stderr)
+        return 130
     print(f"wrote {out}")
     return 0
 

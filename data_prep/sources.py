@@ -21,6 +21,9 @@ import numpy as np
 from data_prep import ConvertError
 
 SOURCES = ("fmnist", "cifar10", "cifar100", "svhn", "imagenet_lt", "inat2018", "folder")
+SPLIT_SOURCE_CLASSES = {"imagenet_lt": 1000, "inat2018": 8142}  # class count of each split-file source
+SVHN_CLASS_ORDER = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]  # the paper's code rolls the classes: digit 0 is the rarest
+SVHN_N_MAX = 1000  # imbalance_svhn.py: img_max = 1000
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                   "Bag", "Ankle boot"]
@@ -28,18 +31,40 @@ FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
 
 @dataclass
 class Part:
-    """One split of a source: images (uint8 N x H x W x C array, or a list of file paths) and labels."""
+    """One split of a source: images (uint8 N x H x W x C array, or a list of file paths) and labels.
+
+    `source_index`: per row (default: the row); `num_indices`: one past the last index the source numbers
+    (a split file's line count, blank lines included); `origin`: per row, where it was listed (errors)."""
     images: np.ndarray | list
     labels: np.ndarray
+    source_index: np.ndarray | None = None
+    num_indices: int | None = None
+    origin: list[str] | None = None
 
     def __len__(self):
         return len(self.labels)
+
+    @property
+    def index(self) -> np.ndarray:
+        return np.arange(len(self), dtype=np.int64) if self.source_index is None else self.source_index
+
+    @property
+    def index_end(self) -> int:
+        return len(self) if self.num_indices is None else self.num_indices
 
     def take(self, rows: np.ndarray):
         """(images, labels) of `rows`."""
         if isinstance(self.images, np.ndarray):
             return self.images[rows], self.labels[rows]
         return [self.images[r] for r in rows], self.labels[rows]
+
+    def names(self, rows: np.ndarray) -> list[str] | None:
+        """How to name each of `rows` in an error (file paths, with the split-file line), or None (arrays)."""
+        if isinstance(self.images, np.ndarray):
+            return None
+        if self.origin is None:
+            return [str(self.images[r]) for r in rows]
+        return [f"{self.images[r]} ({self.origin[r]})" for r in rows]
 
 
 @dataclass
@@ -54,6 +79,8 @@ class Source:
     pool: Part | None = None            # separate unlabeled pool (labels: true labels, -1 when unknown)
     pool_name: str | None = None
     longtail_given: bool = False        # train is already long-tailed (split-file sources)
+    class_order: list[int] | None = None  # labels from head to tail class (default 0..C-1)
+    default_n_max: int | None = None    # head-class size when --max-per-class is not given
     files: dict = field(default_factory=dict)  # role -> path read, recorded in the manifest
 
     @property
@@ -193,7 +220,8 @@ def read_svhn(root: Path, with_extra: bool) -> Source:
     fix = "point --root at the directory holding train_32x32.mat, test_32x32.mat (and extra_32x32.mat)"
     src = Source("svhn", root, "raw", [str(i) for i in range(10)],
                  train=read_svhn_mat(need(root / "train_32x32.mat", fix)),
-                 test=read_svhn_mat(need(root / "test_32x32.mat", fix)))
+                 test=read_svhn_mat(need(root / "test_32x32.mat", fix)),
+                 class_order=SVHN_CLASS_ORDER, default_n_max=SVHN_N_MAX)
     if with_extra:
         src.pool = read_svhn_mat(need(root / "extra_32x32.mat", fix + "; or pass --unlabeled-factor 0"))
         src.pool_name = "svhn_extra"
@@ -204,56 +232,101 @@ def read_svhn(root: Path, with_extra: bool) -> Source:
 # ---------------------------------------------------------------- split files (ImageNet-LT, iNaturalist 2018)
 
 
-def read_split_file(path: Path) -> tuple[list[str], np.ndarray]:
-    """OLTR split file (gzipped or plain): `<relative path> <label>` a line -> (paths, labels)."""
+def read_split_lines(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    """OLTR split file (gzipped or plain): `<relative path> <label>` a line -> (paths, labels, line index of
+    each entry (0-based; blank lines count, so it is the line number - 1), number of lines)."""
     need(Path(path), "pass an existing split file (lines `<relative path> <label>`)")
-    paths, labels = [], []
+    paths, labels, lines, n = [], [], [], 0
     with open_maybe_gzip(path) as f:
         for n, raw in enumerate(f, 1):
-            line = raw.decode("utf-8").strip()
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ConvertError(f"{path}:{n}: not UTF-8 text; is this a split file?") from None
             if not line:
                 continue
             rel, _, label = line.rpartition(" ")
-            if not rel or not label.lstrip("-").isdigit():
+            if not rel.strip() or not label.lstrip("-").isdigit():
                 raise ConvertError(f"{path}:{n}: expected `<relative path> <label>`, got {line!r}")
             if int(label) < 0:
                 raise ConvertError(f"{path}:{n}: negative label {label}; labels must be 0..C-1")
             paths.append(rel.strip())
             labels.append(int(label))
+            lines.append(n - 1)
     if not paths:
         raise ConvertError(f"{path}: empty split file")
-    return paths, np.asarray(labels, np.int64)
+    return paths, np.asarray(labels, np.int64), np.asarray(lines, np.int64), n
 
 
-def _split_part(root: Path, split_file: Path, num_classes: int | None) -> tuple[Part, list[str]]:
-    rel, labels = read_split_file(split_file)
-    if num_classes is not None and (bad := np.flatnonzero(labels >= num_classes)).size:
-        raise ConvertError(f"{split_file}:{bad[0] + 1}: label {labels[bad[0]]} is out of range for --num-classes "
-                           f"{num_classes}; raise --num-classes or fix the split file")
-    return Part([str(root / r) for r in rel], labels), rel
+def read_split_file(path: Path) -> tuple[list[str], np.ndarray]:
+    """(paths, labels) of a split file (see read_split_lines)."""
+    return read_split_lines(path)[:2]
+
+
+def _split_part(root: Path, split_file: Path, num_classes: int, source: str) -> tuple[Part, list[str]]:
+    rel, labels, lines, n_lines = read_split_lines(split_file)
+    if (bad := np.flatnonzero(labels >= num_classes)).size:
+        k = bad[0]
+        raise ConvertError(f"{split_file}:{lines[k] + 1}: label {labels[k]} is out of range: {source} has "
+                           f"{num_classes} classes (0..{num_classes - 1}); fix the line, or pass --num-classes "
+                           f"if the source really has more classes ({len(bad)} such line(s))")
+    origin = [f"line {i + 1} of {split_file}" for i in lines]
+    return Part([str(root / r) for r in rel], labels, source_index=lines, num_indices=n_lines, origin=origin), rel
+
+
+def _class_dir(rel: str, depth: int) -> str:
+    return "/".join(Path(rel).parts[-1 - depth:-1])
+
+
+def _check_class_dirs(parts: list[tuple[Path, list[str], np.ndarray, np.ndarray]], depth: int) -> None:
+    """Every label must match its class directory (wnid, or supercategory/id) in all split files: one
+    directory per label and one label per directory."""
+    dir_label, label_dir = {}, {}
+    for split_file, rel, labels, lines in parts:
+        for r, c, line in zip(rel, labels.tolist(), lines.tolist()):
+            where = f"{split_file}:{line + 1}"
+            d = _class_dir(r, depth)
+            if dir_label.setdefault(d, (c, where))[0] != c:
+                c0, w0 = dir_label[d]
+                raise ConvertError(f"{where}: {r} has label {c}, but {w0} gives class {d!r} label {c0}; every "
+                                   f"image of a class must carry the class's label: fix one of the lines")
+            if label_dir.setdefault(c, (d, where))[0] != d:
+                d0, w0 = label_dir[c]
+                raise ConvertError(f"{where}: label {c} is given to class {d!r}, but {w0} gives it to {d0!r}; "
+                                   f"one label per class directory: fix one of the lines")
 
 
 def _class_names_from_paths(rel: list[str], labels: np.ndarray, num_classes: int, depth: int) -> list[str]:
     """Class name = the last `depth` directories of each image's path (wnid, or supercategory/id)."""
     names = [str(c) for c in range(num_classes)]
     for r, c in zip(rel, labels):
-        names[c] = "/".join(Path(r).parts[-1 - depth:-1])
+        names[c] = _class_dir(r, depth)
     return names
 
 
 def read_split_source(name: str, root: Path, split_file: Path | None, val_split_file: Path | None,
                       test_split_file: Path | None, num_classes: int | None, with_pool: bool) -> Source:
+    """Source index of an entry = its line in the split file (0-based). The class count is the source's
+    (SPLIT_SOURCE_CLASSES) unless --num-classes sets it; for `folder` the largest label + 1."""
     if split_file is None:
         raise ConvertError(f"--source {name} needs --split-file (the long-tailed train list, e.g. "
                            f"ImageNet_LT_train.txt or iNaturalist18_train.txt)")
-    train, rel = _split_part(root, split_file, num_classes)
-    c = num_classes or int(train.labels.max()) + 1
-    src = Source(name, root, "jpeg", _class_names_from_paths(rel, train.labels, c, 1 if name != "inat2018" else 2),
+    c = num_classes or SPLIT_SOURCE_CLASSES.get(name)
+    if c is None:
+        c = int(read_split_lines(split_file)[1].max()) + 1
+    depth = 1 if name != "inat2018" else 2
+    train, rel = _split_part(root, split_file, c, name)
+    checked = [(split_file, rel, train.labels, train.source_index)]
+    src = Source(name, root, "jpeg", _class_names_from_paths(rel, train.labels, c, depth),
                  train=train, longtail_given=True, files={"split_file": str(split_file)})
     for role, path in (("val", val_split_file), ("test", test_split_file)):
         if path is not None:
-            setattr(src, role, _split_part(root, path, c)[0])
+            part, part_rel = _split_part(root, path, c, name)
+            setattr(src, role, part)
+            checked.append((path, part_rel, part.labels, part.source_index))
             src.files[f"{role}_split_file"] = str(path)
+    if name in SPLIT_SOURCE_CLASSES:
+        _check_class_dirs(checked, depth)
     if with_pool and name == "imagenet_lt":
         src.pool, src.pool_name = _imagenet_pool(root, rel, train.labels), "imagenet_train_not_in_split"
     return src

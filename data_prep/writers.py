@@ -2,7 +2,11 @@
 
 Each split's images are first put in an `ImageStore` (raw pixels, or clean RGB JPEG bytes prepared by a
 process pool); the FFCV and DALI writers then read from the same store, so both formats hold the same
-samples at the same positions.
+samples at the same positions (for JPEG sets, the same JPEG bytes).
+
+Every file is written by the main process, in position order: the outputs are byte-identical for any
+worker count, and a failed write (a full disk) raises in the main process instead of stranding a worker.
+Worker processes only decode and encode images; one that dies ends the conversion with an error.
 """
 from __future__ import annotations
 
@@ -10,18 +14,23 @@ import io
 import multiprocessing as mp
 import os
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_prep import ConvertError
 
 JPEG_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+MAX_LISTED = 20  # bad images named in one error message (the rest are counted)
 
 
 def default_workers(workers: int | None) -> int:
+    if workers is not None and workers < 1:
+        raise ConvertError(f"--workers {workers}: must be at least 1 (or omitted for all cores)")
     return workers or len(os.sched_getaffinity(0))
 
 
@@ -44,13 +53,18 @@ class RawStore:
     def payload(self, i: int) -> bytes:
         return np.ascontiguousarray(self.images[i]).tobytes()
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.images.nbytes)
+
 
 class JpegStore:
-    """Clean RGB JPEGs, concatenated in one file (`path`) with byte offsets; read through a memmap."""
+    """Clean RGB JPEGs, concatenated in one file (`path`) with byte offsets and (height, width) per image;
+    read through a memmap."""
     encoding, dali_ext = "jpeg", "jpg"
 
-    def __init__(self, path: Path, offsets: np.ndarray):
-        self.path, self.offsets = path, offsets
+    def __init__(self, path: Path, offsets: np.ndarray, shapes: np.ndarray):
+        self.path, self.offsets, self.shapes = path, offsets, shapes
         self.data = np.memmap(path, dtype=np.uint8, mode="r") if offsets[-1] else np.zeros(0, np.uint8)
 
     def __len__(self):
@@ -62,16 +76,23 @@ class JpegStore:
     def image(self, i: int) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(self.payload(i))).convert("RGB"))
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
 
 _ITEMS = None  # the items a forked prepare worker reads (set before the pool forks; not pickled)
 
 
-def to_jpeg(item, max_side: int, quality: int) -> bytes:
-    """Decode anything PIL reads (path, encoded bytes, H x W x 3 array) to RGB, cap the long side, encode."""
+def to_jpeg(item, max_side: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+    """Decode anything PIL reads (path, encoded bytes, H x W x 3 array) to RGB, cap the long side, encode.
+    Returns the JPEG bytes and the image's (height, width)."""
     if isinstance(item, (str, Path)):
         with open(item, "rb") as f:
             item = f.read()
     if isinstance(item, (bytes, bytearray, memoryview)):
+        if len(item) == 0:
+            raise _BadImage("empty file (0 bytes)")
         img = Image.open(io.BytesIO(item))
         img.draft("RGB", (max_side, max_side))  # DCT-domain downscale of big JPEGs; keeps size >= max_side
     else:
@@ -83,82 +104,140 @@ def to_jpeg(item, max_side: int, quality: int) -> bytes:
                          Image.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
-    return out.getvalue()
+    return out.getvalue(), (img.height, img.width)
 
 
-def _prepare_one(args):
-    i, max_side, quality = args
+class _BadImage(Exception):
+    """An input image that cannot be used; the message says why."""
+
+
+def _prepare_range(args):
+    start, stop, max_side, quality = args
+    results = []
+    for i in range(start, stop):
+        try:
+            data, shape = to_jpeg(_ITEMS[i], max_side, quality)
+            results.append((data, shape, None))
+        except FileNotFoundError:
+            results.append((None, None, "missing file"))
+        except _BadImage as e:
+            results.append((None, None, str(e)))
+        except UnidentifiedImageError:
+            results.append((None, None, "not an image (no format PIL can read)"))
+        except JPEG_ERRORS as e:
+            results.append((None, None, f"unreadable or truncated image ({type(e).__name__}: {e})"))
+    return results
+
+
+def ordered_map(fn, n: int, workers: int, chunk: int, extra: tuple, desc: str):
+    """Yield fn((start, stop, *extra)) results for consecutive ranges of 0..n, in order, from forked
+    worker processes; a bounded number of ranges is in flight. A worker that dies is a ConvertError."""
+    ranges = [(s, min(n, s + chunk), *extra) for s in range(0, n, chunk)]
+    window = 4 * workers
     try:
-        return i, to_jpeg(_ITEMS[i], max_side, quality), None
-    except FileNotFoundError:
-        return i, None, "missing file"
-    except JPEG_ERRORS as e:
-        return i, None, f"unreadable or truncated image ({type(e).__name__}: {e})"
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            futures = [ex.submit(fn, r) for r in ranges[:window]]
+            for k in range(len(ranges)):
+                if k + window < len(ranges):
+                    futures.append(ex.submit(fn, ranges[k + window]))
+                yield from futures[k].result()
+                futures[k] = None
+    except BrokenProcessPool as e:
+        raise ConvertError(f"a worker process died while preparing {desc} images (killed, or out of memory?); "
+                           f"re-run with fewer --workers") from e
 
 
 def prepare_jpegs(items, path: Path, *, max_side: int, quality: int, workers: int,
                   names: list[str], skip_bad: bool, desc: str) -> tuple[JpegStore, np.ndarray, list[dict]]:
     """Encode `items` to clean JPEGs in `path` with a process pool.
 
-    Returns the store, the positions kept (into `items`) and the skipped files [{file, reason}]. A bad item
-    is a ConvertError unless `skip_bad`."""
+    Returns the store, the positions kept (into `items`) and the skipped files [{split, file, reason}].
+    Bad items are all found in one pass; without `skip_bad` they are then one ConvertError listing them."""
     global _ITEMS
     _ITEMS = items
-    offsets, kept, skipped = [0], [], []
-    jobs = [(i, max_side, quality) for i in range(len(items))]
+    offsets, shapes, kept, bad = [0], [], [], []
     try:
-        with open(path, "wb") as f, mp.get_context("fork").Pool(workers) as pool:
-            for i, data, reason in tqdm(pool.imap(_prepare_one, jobs, chunksize=8), total=len(jobs),
-                                        desc=f"prepare {desc}", unit="img"):
+        with open(path, "wb") as f:
+            results = ordered_map(_prepare_range, len(items), workers, 8, (max_side, quality), desc)
+            for i, (data, shape, reason) in enumerate(tqdm(results, total=len(items), desc=f"prepare {desc}",
+                                                           unit="img")):
                 if data is None:
-                    if not skip_bad:
-                        raise ConvertError(f"{names[i]}: {reason}; restore or remove the file, "
-                                           f"or pass --skip-bad to skip bad images")
-                    skipped.append({"file": names[i], "reason": reason})
+                    bad.append({"split": desc, "file": names[i], "reason": reason})
                     continue
-                f.write(data)
-                offsets.append(offsets[-1] + len(data))
-                kept.append(i)
+                if not bad or skip_bad:  # after a fatal bad image only keep looking for more of them
+                    f.write(data)
+                    offsets.append(offsets[-1] + len(data))
+                    shapes.append(shape)
+                    kept.append(i)
     finally:
         _ITEMS = None
-    return JpegStore(path, np.asarray(offsets, np.int64)), np.asarray(kept, np.int64), skipped
+    if bad and not skip_bad:
+        listed = "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:MAX_LISTED])
+        more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise ConvertError(f"split {desc!r}: {len(bad)} bad image(s): {listed}{more}; restore each file or "
+                           f"remove it from the source (for a split file: delete its line), or pass --skip-bad "
+                           f"to skip them (they are then listed in manifest.json)")
+    return (JpegStore(path, np.asarray(offsets, np.int64), np.asarray(shapes, np.int64).reshape(-1, 2)),
+            np.asarray(kept, np.int64), bad)
 
 
 # ---------------------------------------------------------------- FFCV
 
 
-class _FfcvItems:
-    """Indexable (image, label, index) view for ffcv's DatasetWriter (read in forked workers)."""
+class _JpegBytesField:
+    """Writes an already encoded JPEG into an RGBImageField slot (mode 'jpg'), as RGBImageField.encode does
+    after its own encoding: the .beton then holds the store's JPEG bytes unchanged."""
 
-    def __init__(self, store, labels, index):
-        self.store, self.labels, self.index = store, labels, index
+    def __init__(self, jpg_mode: int):
+        self.jpg_mode = jpg_mode
 
-    def __len__(self):
-        return len(self.store)
-
-    def __getitem__(self, i):
-        return self.store.image(i), int(self.labels[i]), int(self.index[i])
+    def encode(self, destination, value, malloc):
+        data, (height, width) = value
+        destination["mode"], destination["height"], destination["width"] = self.jpg_mode, height, width
+        destination["data_ptr"], storage = malloc(len(data))
+        storage[:] = np.frombuffer(data, np.uint8)
 
 
 def write_ffcv(path: Path, store, labels: np.ndarray, index: np.ndarray, *, max_side: int,
-               jpeg_quality: int, workers: int) -> None:
-    """FFCV .beton with fields image, label, index (DESIGN.md)."""
+               jpeg_quality: int) -> None:
+    """FFCV .beton with fields image, label, index (DESIGN.md), written by this process in position order
+    (byte-identical for identical input). Uses FFCV's own header, metadata, page and allocation-table code."""
     import fasttrain.ffcv_import  # noqa: F401  (before ffcv: keeps torch's thread count)
     from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter, handle_sample
 
     if store.encoding == "raw":
         image_field = NDArrayField(np.dtype(np.uint8), tuple(store.images.shape[1:]))
-        sample_bytes = int(np.prod(store.images.shape[1:]))
+        encoder, largest = image_field, int(np.prod(store.images.shape[1:]))
     else:
         image_field = RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=jpeg_quality)
-        sample_bytes = 2 * max_side * max_side * 3  # worst case of one JPEG at this size
-    page_size = max(MIN_PAGE_SIZE, 1 << int(np.ceil(np.log2(4 * sample_bytes))))
-    chunk = 100
-    n_workers = max(1, min(workers, -(-len(store) // chunk)))
-    writer = DatasetWriter(str(path), {"image": image_field, "label": IntField(), "index": IntField()},
-                           page_size=page_size, num_workers=n_workers)
-    writer.from_indexed_dataset(_FfcvItems(store, labels, index), chunksize=chunk)
+        encoder = _JpegBytesField(IMAGE_MODES["jpg"])
+        largest = int(np.diff(store.offsets).max()) if len(store) else 1
+    page_size = max(MIN_PAGE_SIZE, 1 << int(np.ceil(np.log2(4 * max(largest, 1)))))
+    fields = {"image": image_field, "label": IntField(), "index": IntField()}
+    writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=1)
+    writer.num_samples = len(store)
+    writer.prepare()
+    try:
+        metadata = np.zeros(len(store), dtype=writer.metadata_type)
+        allocator = MemoryAllocator(str(path), writer.data_region_start, page_size)
+        encoders = {"image": encoder, "label": fields["label"], "index": fields["index"]}
+        allocator.__enter__()
+        try:
+            for i in range(len(store)):
+                value = store.image(i) if store.encoding == "raw" else (store.payload(i), store.shapes[i])
+                handle_sample((value, int(labels[i]), int(index[i])), i, writer.metadata_type.names, metadata,
+                              allocator, encoders)
+            allocator.flush_page()
+        finally:
+            allocator.fp.close()
+        writer.metadata_sm.buf[:metadata.nbytes] = metadata.view(np.uint8)
+        writer.finalize(allocator.allocations)
+    finally:
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
 
 
 # ---------------------------------------------------------------- DALI webdataset
@@ -170,6 +249,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
     return tar.offset - ((len(data) + 511) // 512) * 512, len(data)
+
+
+def dali_bytes(store, shard_size: int) -> int:
+    """Size of the shards write_dali writes for `store` (tar headers, padding, end blocks; idx files small)."""
+    n = len(store)
+    if store.encoding == "raw":
+        payload = n * (512 + (store.nbytes // max(n, 1) + 511) // 512 * 512)
+    else:  # each JPEG is padded to 512 bytes: at most n * 511 extra
+        payload = n * 1024 + store.nbytes
+    shards = -(-n // shard_size)
+    return payload + n * 2 * (512 + 512) + shards * (10240 + 100 * shard_size)
 
 
 def write_dali(out_dir: Path, store, labels: np.ndarray, index: np.ndarray, *, shard_size: int,

@@ -87,12 +87,12 @@ def make_cifar100(root: Path, train_per_class=10, test_per_class=2) -> Path:
     return d
 
 
-def make_svhn(root: Path, per_class=(30, 4, 50)) -> Path:
+def make_svhn(root: Path, per_class=(30, 4, 50), shape=(32, 32, 3)) -> Path:
     """train/test/extra_32x32.mat: X is H x W x 3 x N, y is 1..10 with 10 meaning digit 0."""
     from scipy.io import savemat
     root.mkdir(parents=True, exist_ok=True)
     for name, n, seed in zip(("train", "test", "extra"), per_class, (0, 1, 2)):
-        x, y = class_images([n] * 10, (32, 32, 3), seed)
+        x, y = class_images([n] * 10, shape, seed)
         savemat(root / f"{name}_32x32.mat", {"X": x.transpose(1, 2, 3, 0), "y": np.where(y == 0, 10, y)[:, None]})
     return root
 

@@ -79,9 +79,17 @@ def test_real_fashion_mnist(tmp_path):
 def test_cifar10_with_tinyimages_pool_and_shortfall(tmp_path):
     d, x, y = make_cifar10(tmp_path / "src")
     make_tinyimages(tmp_path / "ti.pkl", [40] * 5 + [1] * 5)
-    ds = run("--source", "cifar10", "--root", tmp_path / "src", "--unlabeled-file", tmp_path / "ti.pkl",
-             "--max-per-class", 30, "--rho", 10, "--unlabeled-factor", 1, "--out", tmp_path / "out")
+    args = ["--source", "cifar10", "--root", tmp_path / "src", "--unlabeled-file", tmp_path / "ti.pkl",
+            "--max-per-class", 30, "--rho", 10, "--unlabeled-factor", 1, "--out", tmp_path / "out"]
+    with pytest.raises(ConvertError, match=r"the unlabeled pool \(tinyimages\) cannot supply what --unlabeled-factor 1 "
+                                           r"--rho-u 10 asks for: needs 112 images, has 98 of them \(class 5 needs 8, "
+                                           r"has 1, .*--allow-smaller-pool"):
+        run(*args)
+    assert not (tmp_path / "out").exists()
+    ds = run(*args, "--allow-smaller-pool")
     train, unl = ds.split("train"), ds.split("unlabeled")
+    assert ds.manifest["unlabeled_pool"] == {"name": "tinyimages", "size": 205, "source_index_offset": 400,
+                                             "requested": 112, "selected": 98, "allow_smaller_pool": True}
     assert ds.class_names[3] == "c3" and train.class_counts == class_counts(10, 30, "exp", 10)
     requested = unlabeled_counts(10, sum(train.class_counts), 10)
     m = ds.manifest["splits"]["unlabeled"]
@@ -94,6 +102,20 @@ def test_cifar10_with_tinyimages_pool_and_shortfall(tmp_path):
     ti = np.load(tmp_path / "ti.pkl", allow_pickle=True)
     assert np.array_equal(np.stack(dx).reshape(-1, 32, 32, 3), ti["data"][di - 400]) and np.all(dy == -1)
     assert np.array_equal(unl.true_labels(), ti["extrapolated_targets"][di - 400])
+
+
+def test_cifar10_without_tinyimages_needs_the_pool_file_or_the_flag(tmp_path):
+    make_cifar10(tmp_path / "src")
+    args = ["--source", "cifar10", "--root", tmp_path / "src", "--max-per-class", 30, "--rho", 10, "--rho-u", 1,
+            "--formats", "dali", "--out", tmp_path / "out"]
+    with pytest.raises(ConvertError, match=r"pool \(train_not_selected\) cannot supply what --unlabeled-factor 5 "
+                                           r"--rho-u 1 asks for: needs 590 images, has 282 of them .*pass "
+                                           r"--unlabeled-file with the TinyImages pool"):
+        run(*args)
+    ds = run(*args, "--allow-smaller-pool")
+    pool = ds.manifest["unlabeled_pool"]
+    assert pool["requested"] == 590 and pool["selected"] == 282 and pool["allow_smaller_pool"] is True
+    assert sum(ds.manifest["splits"]["unlabeled"]["shortfall"]) == 590 - 282
 
 
 def test_cifar100(tmp_path):
@@ -110,8 +132,10 @@ def test_svhn_with_extra(tmp_path):
     ds = run("--source", "svhn", "--root", tmp_path / "src", "--max-per-class", 30, "--rho", 10, "--rho-u", 1,
              "--unlabeled-factor", 1, "--formats", "dali", "--out", tmp_path / "out")
     train, unl = ds.split("train"), ds.split("unlabeled")
-    assert train.class_counts == class_counts(10, 30, "exp", 10)  # label 10 became digit 0
-    assert ds.manifest["unlabeled_pool"] == {"name": "svhn_extra", "size": 500, "source_index_offset": 300}
+    rolled = class_counts(10, 30, "exp", 10)  # head to tail: digits 1, 2, ..., 9, 0 (label 10 is digit 0)
+    assert train.class_counts == rolled[-1:] + rolled[:-1]
+    assert ds.manifest["unlabeled_pool"] == {"name": "svhn_extra", "size": 500, "source_index_offset": 300,
+                                             "requested": 110, "selected": 110, "allow_smaller_pool": False}
     assert unl.source_index.min() >= 300 and sum(unl.class_counts) == sum(unlabeled_counts(10, train.num_samples, 1))
     from scipy.io import loadmat
     extra = loadmat(tmp_path / "src" / "extra_32x32.mat")
@@ -122,7 +146,8 @@ def test_svhn_with_extra(tmp_path):
 
 def test_imagenet_lt_odd_files_pool_val_test(tmp_path):
     root, splits, pixels = make_imagenet(tmp_path / "imnet")
-    ds = run("--source", "imagenet_lt", "--root", root, "--split-file", splits["train"], "--val-split-file",
+    ds = run("--source", "imagenet_lt", "--root", root, "--num-classes", 4, "--split-file", splits["train"],
+             "--val-split-file",
              splits["val"], "--test-split-file", splits["test"], "--max-side", 32, "--unlabeled-factor", 1,
              "--rho-u", 1, "--shard-size", 7, "--out", tmp_path / "out")
     assert ds.class_names == [f"n{1440764 + c:08d}" for c in range(4)] and ds.image["encoding"] == "jpeg"
@@ -146,15 +171,18 @@ def test_imagenet_lt_bad_images(tmp_path):
     root, splits, _ = make_imagenet(tmp_path / "imnet", classes=2, per_class=(4, 1, 1), lt=(3, 2))
     victim = root / splits["train"].read_text().split()[0]
     victim.write_bytes(victim.read_bytes()[:200])
-    args = ["--source", "imagenet_lt", "--root", root, "--split-file", splits["train"], "--max-side", 32,
+    args = ["--source", "imagenet_lt", "--root", root, "--num-classes", 2, "--split-file", splits["train"],
+            "--max-side", 32,
             "--unlabeled-factor", 0, "--formats", "dali", "--out", tmp_path / "out"]
-    with pytest.raises(ConvertError, match=f"{victim}: unreadable or truncated image.*--skip-bad"):
+    with pytest.raises(ConvertError, match=f"1 bad image\\(s\\): {victim} \\(line 1 of .*ImageNet_LT_train.txt\\): "
+                                          f"unreadable or truncated image.*--skip-bad"):
         run(*args)
     assert not (tmp_path / "out").exists()
     ds = run(*args, "--skip-bad")
-    assert ds.manifest["skipped"][0]["file"] == str(victim) and ds.split("train").class_counts == [2, 2]
+    assert ds.manifest["skipped"][0]["file"].startswith(f"{victim} (line 1 of ")
+    assert ds.split("train").class_counts == [2, 2]
     victim.unlink()
-    with pytest.raises(ConvertError, match=f"{victim}: missing file"):
+    with pytest.raises(ConvertError, match=f"{victim} \\(line 1 of .*\\): missing file"):
         run(*args[:-2], "--out", tmp_path / "out2")
     with pytest.raises(ConvertError, match="--profile exp: the imagenet_lt train set is already long-tailed"):
         run(*args, "--profile", "exp", "--out", tmp_path / "out3")
@@ -164,7 +192,8 @@ def test_imagenet_lt_bad_images(tmp_path):
 
 def test_inat2018(tmp_path):
     root, train_split, val_split = make_inat(tmp_path / "inat")
-    ds = run("--source", "inat2018", "--root", root, "--split-file", train_split, "--val-split-file", val_split,
+    ds = run("--source", "inat2018", "--root", root, "--num-classes", 4, "--split-file", train_split,
+             "--val-split-file", val_split,
              "--formats", "dali", "--out", tmp_path / "out")
     assert ds.split("train").class_counts == [6, 4, 2, 1] and ds.split("val").class_counts == [1] * 4
     assert ds.class_names[0] == "Plantae/7291" and not ds.has_split("unlabeled") and ds.eval_split() == "val"
@@ -175,8 +204,12 @@ def test_inat2018(tmp_path):
 @pytest.mark.parametrize("with_test", [True, False])
 def test_folder(tmp_path, with_test):
     make_folder(tmp_path / "f", with_test=with_test)
-    ds = run("--source", "folder", "--root", tmp_path / "f", "--profile", "none", "--unlabeled-factor", 0.5,
-             "--rho-u", 1, "--formats", "dali", "--out", tmp_path / "out")
+    args = ["--source", "folder", "--root", tmp_path / "f", "--profile", "none", "--unlabeled-factor", 0.5,
+            "--rho-u", 1, "--formats", "dali", "--out", tmp_path / "out"]
+    with pytest.raises(ConvertError, match=r"pool \(train_not_selected\) cannot supply .* needs 6 images, has 3 "
+                                           r"of them \(class 1 needs 2, has 1, class 2 needs 2, has 0\)"):
+        run(*args)
+    ds = run(*args, "--allow-smaller-pool")
     assert ds.class_names == ["class_0", "class_1", "class_2"] and ds.split("train").class_counts == [4, 4, 4]
     assert ds.has_split("test") == with_test and ds.split("unlabeled").class_counts == [2, 1, 0]
     assert ds.manifest["splits"]["unlabeled"]["shortfall"] == [0, 1, 2]  # asked 2 each, 6-4, 5-4, 4-4 left
@@ -217,7 +250,8 @@ def test_bad_sources(tmp_path, fmnist_root):
 
 def test_bad_labels_and_empty_classes(tmp_path):
     root, train_split, _ = make_inat(tmp_path / "inat")
-    with pytest.raises(ConvertError, match="iNaturalist18_train.txt:13: label 3 is out of range for --num-classes 3"):
+    with pytest.raises(ConvertError, match="iNaturalist18_train.txt:13: label 3 is out of range: inat2018 has 3 "
+                                           "classes"):
         run("--source", "inat2018", "--root", root, "--split-file", train_split, "--num-classes", 3,
             "--out", tmp_path / "o")
     with pytest.raises(ConvertError, match="class 4 \\(4\\) has no training images"):
@@ -245,3 +279,57 @@ def test_cli_one_line_error_exit_2_and_overwrite(tmp_path, fmnist_root, capsys):
     assert proc.stderr.strip().endswith("pass --overwrite (overwrite=True) to replace it, or pick another --out")
     assert main(args + ["--overwrite", "--seed", "3"]) == 0
     assert DatasetDir(tmp_path / "o").manifest["longtail"]["seed"] == 3
+
+
+# ---------------------------------------------------------------- SVHN-LT exactly as the paper's code builds it
+
+
+def paper_svhn_counts(imb_type: str, imb_factor: float, unlabel_imb_factor: float):
+    """Per-label (digit) labeled and unlabeled counts, transcribed from the paper's dataset/imbalance_svhn.py
+    (SemiSupervisedImbalanceSVHN: get_img_num_per_cls, get_img_num_per_cls_unlabeled, gen_imbalanced_data)."""
+    cls_num, img_max, unlabel_size_factor = 10, 1000, 5
+    img_num_per_cls = []
+    if imb_type == "exp":
+        for cls_idx in range(cls_num):
+            img_num_per_cls.append(int(img_max * (imb_factor ** (cls_idx / (cls_num - 1.0)))))
+    else:  # step
+        img_num_per_cls = [int(img_max)] * (cls_num // 2) + [int(img_max * imb_factor)] * (cls_num // 2)
+    img_unlabeled_total = np.sum(img_num_per_cls) * unlabel_size_factor
+    img_first_min = img_unlabeled_total // cls_num
+    unl = [int(img_first_min * (unlabel_imb_factor ** (i / (cls_num - 1.0)))) for i in range(cls_num)]
+    factor = img_unlabeled_total / np.sum(unl)
+    unl = [int(num * factor) for num in unl]
+    classes = np.unique(np.arange(10))
+    classes = np.concatenate([classes[1:], classes[:1]], axis=0)  # "shift label 0 to the last"
+    labeled = dict(zip(classes.tolist(), img_num_per_cls))
+    unlabeled = dict(zip(classes.tolist(), unl))
+    return [labeled[i] for i in range(10)], [unlabeled[i] for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def svhn_big(tmp_path_factory):
+    """SVHN .mat files in the original layout with 2 x 2 images: 1,000 train and 10,500 extra images per digit."""
+    return make_svhn(tmp_path_factory.mktemp("svhn"), per_class=(1000, 2, 10500), shape=(2, 2, 3))
+
+
+@pytest.mark.parametrize("profile,rho,rho_u", [("exp", 50, 1), ("exp", 100, 100), ("step", 50, 1), ("step", 100, 100)])
+def test_svhn_lt_matches_the_papers_class_counts(svhn_big, tmp_path, profile, rho, rho_u):
+    labeled, unlabeled = paper_svhn_counts(profile, 1 / rho, 1 / rho_u)
+    ds = run("--source", "svhn", "--root", svhn_big, "--profile", profile, "--rho", rho, "--rho-u", rho_u,
+             "--formats", "ffcv", "--out", tmp_path / "out")
+    m = ds.manifest
+    assert m["splits"]["train"]["class_counts"] == labeled and labeled[0] == min(labeled)  # digit 0 rarest
+    assert labeled[1] == 1000 and m["longtail"]["max_per_class"] == 1000
+    assert m["splits"]["unlabeled"]["class_counts"] == unlabeled
+    assert m["splits"]["unlabeled"]["requested_class_counts"] == unlabeled
+    assert m["splits"]["unlabeled"]["shortfall"] == [0] * 10
+    assert m["unlabeled_pool"]["name"] == "svhn_extra" and m["longtail"]["unlabeled_factor"] == 5
+    assert np.array_equal(np.bincount(ds.split("train").labels, minlength=10), labeled)
+    assert np.array_equal(np.bincount(ds.split("unlabeled").true_labels(), minlength=10), unlabeled)
+
+
+def test_svhn_lt_expected_lists():
+    """The paper's lists themselves (so that a change to the transcription above is noticed)."""
+    assert paper_svhn_counts("exp", 1 / 100, 1)[0] == [10, 1000, 599, 359, 215, 129, 77, 46, 27, 16]
+    assert paper_svhn_counts("exp", 1 / 50, 1)[0] == [20, 1000, 647, 419, 271, 175, 113, 73, 47, 30]
+    assert paper_svhn_counts("step", 1 / 50, 1)[0] == [20, 1000, 1000, 1000, 1000, 1000, 20, 20, 20, 20]
