@@ -37,12 +37,12 @@ def test_help_shows_choices_and_the_presets_values():
     text = parser("desc", Config().update(IMAGENET)).format_help()
     assert "{ffcv,dali,torch,device}" in flag_help(text, "--loader")
     assert flag_help(text, "--arch").endswith("(default: resnet50)")
-    assert "(default: 512)" in flag_help(text, "--batch-size")
+    assert "(default: 128)" in flag_help(text, "--batch-size")
     assert "(default: true)" in flag_help(text, "--channels-last")
     assert "(default: cosine)" in flag_help(text, "--schedule")
-    chain = parser("desc", {"ssp": Config(method="rotation"), "ce": Config(milestones=[160, 180])}).format_help()
+    chain = parser("desc", {"ssp": Config(method="rotation"), "ce": Config(milestones=[0.8, 0.9])}).format_help()
     assert "(default: ssp: rotation, ce: supervised)" in flag_help(chain, "--method")
-    assert "(default: ssp: none, ce: 160,180)" in flag_help(chain, "--milestones")
+    assert "(default: ssp: none, ce: 0.8,0.9)" in flag_help(chain, "--milestones")
 
 
 @pytest.mark.slow
