@@ -360,3 +360,23 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tiny_raw, tmp_path):
     final = json.loads((killed / "metrics.json").read_text())
     assert final["top1"] == json.loads((full / "metrics.json").read_text())["top1"]
     assert final["per_class"] == json.loads((full / "metrics.json").read_text())["per_class"]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_after_a_kill_between_the_renames(tiny_raw, tmp_path):
+    """Two ranks (gloo): every rank picks the same checkpoint, only the main process renames and tidies."""
+    from conftest import launch_two_processes
+    out = tmp_path / "run"
+    args = ["--data", tiny_raw, *TINY[:-2], "--epochs", "2", "--loader", "device"]
+    recipe = REPO / "recipes" / "supervised_cifar_lt.py"
+    launch_two_processes(recipe, *args, "--out", out, "--stop-after-epochs", "1")
+    ck = out / "checkpoints"
+    (ck / "last").rename(ck / ".last.old")                 # killed between the two renames ...
+    shutil.copytree(ck / ".last.old", ck / ".last.tmp")    # ... of a save whose .last.tmp was not complete
+    (ck / ".last.tmp" / "trainer_state.json").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"loss": 9.9, "epoch": 1}\n')            # and epoch 1's line already written
+    result = launch_two_processes(recipe, "--resume", out)
+    assert "resumed" in result.stdout + result.stderr and (out / "DONE").exists()
+    assert epochs(out) == [0, 1] and 9.9 not in losses(out)
+    assert sorted(p.name for p in ck.iterdir()) == ["best", "last"]
