@@ -259,7 +259,10 @@ class Engine:
         acc.wait_for_everyone()
         if error is not None:
             if self.is_main:
-                remove_checkpoint(tmp)
+                try:
+                    remove_checkpoint(tmp)  # the half-written one; NAME is untouched
+                except OSError:
+                    pass
             kept = (f"checkpoints/{name} still holds the previous complete checkpoint"
                     if (final / STATE_FILE).exists() else f"no complete checkpoints/{name} was written yet")
             raise RunDirError(f"could not write checkpoint {tmp} after epoch {self.state['epoch']}: {error}"
@@ -372,12 +375,12 @@ def find_checkpoint(ckdir: Path, name: str) -> tuple[Path | None, dict]:
     return best, best_state
 
 
-def remove_checkpoint(ckpt: Path, missing_ok: bool = True) -> None:
+def remove_checkpoint(ckpt: Path) -> None:
     """trainer_state.json first, so a kill during the removal never leaves a directory that looks complete."""
-    if not ckpt.exists() and missing_ok:
+    if not ckpt.exists():
         return
     (ckpt / STATE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(ckpt, ignore_errors=missing_ok)
+    shutil.rmtree(ckpt)
 
 
 def promote_checkpoint(src: Path, final: Path) -> None:

@@ -380,3 +380,14 @@ def test_two_processes_resume_after_a_kill_between_the_renames(tiny_raw, tmp_pat
     assert "resumed" in result.stdout + result.stderr and (out / "DONE").exists()
     assert epochs(out) == [0, 1] and 9.9 not in losses(out)
     assert sorted(p.name for p in ck.iterdir()) == ["best", "last"]
+
+
+def test_chain_checks_every_stage_before_the_first_starts(tiny_raw, tmp_path, capsys):
+    from fasttrain.chain import Stage, run_chain
+    stages = [Stage("a", dict(epochs=1)), Stage("b", dict(epochs=1))]
+    with pytest.raises(SystemExit) as e:
+        run_chain(stages, "test", argv=["--data", str(tiny_raw), "--out", str(tmp_path / "chain"), *TINY,
+                                        "--set", "b.grad_accum=0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == "error: --grad-accum 0: must be >= 1", err
+    assert not (tmp_path / "chain").exists()  # stage a never started
