@@ -469,7 +469,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """Flush a freshly written checkpoint to disk before it is marked complete (survives a power cut too)."""
+    """Flush a freshly written checkpoint to disk before it is marked complete."""
     for path in root.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)

@@ -319,7 +319,8 @@ def test_truncated_checkpoint_through_the_cli(tiny_raw, runs, tmp_path, capsys):
 
 
 def python_env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 
 def test_bad_flag_in_a_real_process_exits_2_without_traceback(tiny_raw, tmp_path):
