@@ -134,7 +134,10 @@ class Config:
         flag and what is valid. Called by `resolve` and by `Engine.__init__`."""
         problems = []
         for f in fields(self):  # types (a YAML file can hold anything)
-            value, kind = getattr(self, f.name), type(f.default) if f.default is not dataclasses.MISSING else list
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value, kind = getattr(self, f.name), type(default)
+            if default is None:
+                continue
             ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
                   isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
             if not ok:
