@@ -83,6 +83,12 @@ def run_chain(stages: list[Stage], description: str, argv=None) -> str:
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; this recipe has {[s.name for s in stages]}")
 
+    for stage in stages:  # every chosen stage's config is checked before the first stage starts
+        if stage.name in chosen:
+            args.out = str(root / stage.name)
+            preset = {k: (v.format(root=root) if isinstance(v, str) else v) for k, v in stage.preset.items()}
+            resolve(args, preset).update(per_stage.get(stage.name, {}), source=f"--set {stage.name}.*").validate()
+
     status, accelerator = "done", None
     for stage in stages:
         if stage.name not in chosen:

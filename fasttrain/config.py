@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,14 @@ def opt(default, help: str, choices: tuple = ()):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """A config value, flag or file the user can fix; the message names it and says what is valid."""
+
+
+# Flags that may differ when a run is continued (they do not change what is trained).
+RESUMABLE = ("resume", "stop_after_epochs", "workers", "log_every", "out", "log_with", "tracker_dir")
 
 
 @dataclass
@@ -131,29 +141,132 @@ class Config:
         return {"warmup": round(float(warmup), 9), "milestones": [round(float(m), 9) for m in milestones],
                 "drw": int(drw)}
 
-    def validate(self) -> "Config":
-        """One clear ValueError (naming the flag) for values the engine cannot run with."""
-        check_schedule(self)
-        if self.samples_per_class < 1:
-            raise ValueError(f"--samples-per-class {self.samples_per_class}: must be >= 1")
-        return self
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Temp name + rename: a kill never leaves a half-written config.yaml."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        return cls().update(yaml.safe_load(Path(path).read_text()) or {}, source=str(path))
+        return cls().update(read_yaml(path), source=str(path))
 
     def update(self, values: dict[str, Any], source: str = "overrides") -> "Config":
         known = {f.name for f in fields(self)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+            hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, known, 1))
+                     else repr(k) for k in unknown]
+            raise ConfigError(f"{source}: unknown config key(s) {', '.join(hints)}; valid keys: {sorted(known)}")
+        floats = {f.name for f in fields(self) if isinstance(f.default, float)}
+        values = {k: _float_or_same(v) if k in floats else v for k, v in values.items()}
         return dataclasses.replace(self, **values)
+
+    def changed_from(self, saved: "Config") -> list[str]:
+        """Fields (other than RESUMABLE ones) whose value differs from a saved run's config."""
+        return sorted(f.name for f in fields(self)
+                      if f.name not in RESUMABLE and getattr(self, f.name) != getattr(saved, f.name))
+
+    def validate(self) -> "Config":
+        """Every field value checked in one place, before any work starts; raises ConfigError naming each bad
+        flag and what is valid. Called by `resolve` and by `Engine.__init__`."""
+        problems = []
+        for f in fields(self):  # types (a YAML file can hold anything)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value, kind = getattr(self, f.name), type(default)
+            if default is None:
+                continue
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
+            if not ok:
+                problems.append(f"{_flag(f.name)} must be {kind.__name__}, got {value!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if not self.data:
+            problems.append("--data is required: a dataset directory written by `python -m data_prep.convert`")
+        if not self.out:
+            problems.append("--out is required: the run directory to write")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 1), ("log_every", 1),
+                          ("image_size", 1), ("eval_size", 1), ("samples_per_class", 1), ("workers", 0),
+                          ("stop_after_epochs", 0), ("lr_ref_batch", 0), ("many_threshold", 0),
+                          ("few_threshold", 0), ("lr", 0), ("momentum", 0), ("weight_decay", 0)):
+            if getattr(self, name) < low:
+                problems.append(f"{_flag(name)} {getattr(self, name)}: must be >= {low}"
+                                + (" (0 = all cores)" if name == "workers" else ""))
+        if self.width <= 0:
+            problems.append(f"--width {self.width}: must be > 0")
+        if not 0 <= self.cb_beta < 1:
+            problems.append(f"--cb-beta {self.cb_beta} must be in [0, 1)")
+        try:
+            check_schedule(self)
+        except ValueError as e:
+            problems.append(str(e))
+        for name, choices in _choices().items():
+            if getattr(self, name) not in choices:
+                problems.append(f"{_flag(name)}: unknown {name.replace('_', ' ')} {getattr(self, name)!r}; "
+                                f"valid: {', '.join(choices)}")
+        from .methods import method_class
+        try:
+            method_class(self.method)
+        except ValueError as e:  # "unknown method 'x'; valid methods: [...]" from the registry itself
+            problems.append(f"--method: {e}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+
+def _float_or_same(value):
+    """YAML reads `1e-3` (no dot) as a string; float fields take it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The valid values of every choice field, from the modules that implement them (one list each)."""
+    from .data import KINDS
+    from .data.sampling import SAMPLERS
+    from .losses import LOSSES, REWEIGHTS
+    from .models import ARCHS, HEADS
+    return {"loader": tuple(KINDS), "arch": tuple(ARCHS), "head": tuple(HEADS),
+            "loss": tuple(LOSSES), "reweight": tuple(REWEIGHTS), "sampler": tuple(SAMPLERS),
+            "schedule": ("step", "cosine", "constant"), "precision": ("no", "bf16", "fp16"),
+            "optimizer": ("sgd", "apex_lamb", "apex_lars")}
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file; a missing file, a syntax error (with its line) or a non-mapping is a
+    ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML at {where}: {problem}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys (`epochs: 200`), got {type(values).__name__}")
+    return values
 
 
 LR_UPDATES = ("epoch_end", "epoch_start", "step")
@@ -236,13 +349,12 @@ def resolve(args: argparse.Namespace, preset: dict | None = None) -> Config:
                                     f"directory?")
         cfg = Config.load(saved)
         # on resume only run-management flags may change; anything else would silently change the run
-        allowed = {"resume", "stop_after_epochs", "workers", "log_every", "out", "log_with", "tracker_dir"}
-        changed = {k for k, v in flags.items() if k not in allowed and getattr(cfg, k) != v}
+        changed = sorted(k for k, v in flags.items() if k not in RESUMABLE and getattr(cfg, k) != v)
         if changed:
-            raise ValueError(f"--resume {flags['resume']}: cannot change {sorted(changed)} of a saved run "
-                             f"(see {saved}); start a new run directory instead")
-        return cfg.update({k: v for k, v in flags.items() if k in allowed} | {"out": flags["resume"]})
+            raise ConfigError(f"--resume {flags['resume']}: cannot change {changed} of a saved run "
+                              f"(see {saved}); start a new run directory instead")
+        return cfg.update({k: v for k, v in flags.items() if k in RESUMABLE} | {"out": flags["resume"]}).validate()
     cfg = Config().update(preset or {}, source="preset")
     if getattr(args, "config", None):
-        cfg = cfg.update(yaml.safe_load(Path(args.config).read_text()) or {}, source=args.config)
-    return cfg.update(flags, source="command line")
+        cfg = cfg.update(read_yaml(args.config), source=args.config)
+    return cfg.update(flags, source="command line").validate()
