@@ -21,7 +21,7 @@ from fasttrain.engine import CheckpointError, RunDirError
 
 from conftest import REPO, fit
 
-RUN = dict(width=0.25, epochs=3, schedule="step", warmup_epochs=1, milestones=[2], milestone_factors=[0.1])
+RUN = dict(width=0.25, epochs=3, schedule="step", warmup_epochs=1, milestone_epochs=[2], milestone_factors=[0.1])
 
 
 def run(data, out, **overrides):

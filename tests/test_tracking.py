@@ -24,7 +24,7 @@ def read_scalars(directory) -> dict[str, list[tuple[int, float]]]:
 
 def test_tensorboard_curves_match_metrics_jsonl_across_a_resume(tiny_raw, tmp_path):
     out = tmp_path / "run"
-    run = dict(epochs=3, log_every=2, log_with="tensorboard", schedule="step", milestones=[2], milestone_factors=[0.1])
+    run = dict(epochs=3, log_every=2, log_with="tensorboard", schedule="step", milestone_epochs=[2], milestone_factors=[0.1])
     assert fit(tiny_raw, out, stop_after_epochs=2, **run) == "stopped"
     # an attempt that died in epoch 3 after logging a step, before its checkpoint: resuming drops that point
     from torch.utils.tensorboard import SummaryWriter
@@ -63,7 +63,7 @@ def test_tensorboard_curves_match_metrics_jsonl_across_a_resume(tiny_raw, tmp_pa
     # the resolved config is stored as hyper-parameters
     hparams = next((out / "tracking" / "fasttrain").glob("*/hparams.yml"))
     saved = yaml.safe_load(hparams.read_text())
-    assert saved["lr"] == 0.05 and saved["milestones"] == "[2]" and saved["log_with"] == "tensorboard"
+    assert saved["lr"] == 0.05 and saved["milestone_epochs"] == "[2]" and saved["log_with"] == "tensorboard"
 
 
 def test_missing_tracker_package_is_one_clear_error(monkeypatch):
