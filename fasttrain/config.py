@@ -20,7 +20,7 @@ class Config:
     out: str = ""                     # run directory
     method: str = "supervised"        # supervised | crt | rotation | moco | self_training
     loader: str = "ffcv"              # ffcv | dali | torch | device
-    workers: int = 0                  # loader threads/processes; 0 = all cores
+    workers: int = 0                  # loader threads/processes; 0 = this process's share of the node's cores
     train_split: str = "train"
     eval_split: str = ""              # "" = test if present, else val
     image_size: int = 224             # train crop for jpeg sets (raw sets keep their size)
@@ -50,6 +50,9 @@ class Config:
     precision: str = "no"             # no | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False             # BatchNorm -> SyncBatchNorm under DDP (small per-GPU batches)
+    deterministic: bool = False       # deterministic algorithms, cudnn.benchmark off
+    tf32: bool = True                 # allow TF32 matmuls / convolutions on Ampere+ GPUs
 
     # loss and re-balancing
     loss: str = "ce"                  # ce | focal | ldam | balanced_softmax | logit_adjust

@@ -26,6 +26,8 @@ from .dataset import DatasetDir, DatasetError
 from .evaluate import evaluate, write_report
 from .methods import method_class
 from .models import load_pretrained
+from .models.checkpoint import bare_model
+from .runtime import configure_math, configure_threads
 
 CHECKPOINT_FORMAT = 1
 
@@ -46,6 +48,11 @@ class Engine:
                              f"{acc.num_processes} processes")
         self.per_process_batch = cfg.batch_size // acc.num_processes
         set_seed(cfg.seed)
+        configure_math(cfg.deterministic, cfg.tf32)
+        res = configure_threads(cfg.workers)
+        self.log(f"each of the {res['local_processes']} process(es) on this node uses {res['cores_per_process']} "
+                 f"core(s): {res['loader_workers']} loader workers / DALI threads, {res['torch_threads']} torch "
+                 f"threads; cudnn.benchmark {not cfg.deterministic}, tf32 {cfg.tf32}")
 
         self.dataset = DatasetDir(cfg.data)
         self.method = method_class(cfg.method)(cfg, self.dataset)
@@ -54,6 +61,11 @@ class Engine:
             report = load_pretrained(model, cfg.pretrained)
             self.log(f"loaded {report.loaded} tensors from {cfg.pretrained}; head re-initialised; "
                      f"missing {report.missing or 'none'}; unexpected {report.unexpected or 'none'}")
+        if cfg.sync_bn and acc.num_processes > 1:
+            if cfg.method == "moco":
+                raise ValueError("--sync-bn true would undo MoCo's shuffling BN (the key encoder's statistics "
+                                 "must stay per process); leave --sync-bn false for --method moco")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(cfg, self.method.trainable_parameters(model))
@@ -177,7 +189,8 @@ class Engine:
         bar.close()
         self.sync_buffers()
         seconds = time.perf_counter() - t0
-        means = {k: (acc.reduce(v / n, "mean") if acc.num_processes > 1 else v / n).item() for k, v in sums.items()}
+        totals = torch.stack(list(sums.values())) / n                 # one read-back per epoch
+        means = dict(zip(sums, (acc.reduce(totals, "mean") if acc.num_processes > 1 else totals).tolist()))
         means.update(lr=lr, seconds=seconds, train_images_per_s=images * acc.num_processes / seconds)
         self.log(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items()))
         return means
@@ -247,7 +260,7 @@ class Engine:
             self.evaluate(self.cfg.epochs - 1)  # resumed after the last epoch's checkpoint, before this report
         acc.wait_for_everyone()
         if self.is_main:
-            model = acc.unwrap_model(self.model)
+            model = bare_model(self.model)            # no DDP / torch.compile prefixes in the saved files
             self.method.export(model, self.run_dir)
             torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": self.cfg.head,
                         "num_classes": self.method.num_outputs(), "in_channels": self.dataset.channels,

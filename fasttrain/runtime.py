@@ -39,8 +39,10 @@ def configure_math(deterministic: bool, tf32: bool) -> None:
 
 
 def configure_threads(workers: int) -> dict:
-    """Set torch's intra-op threads to this process's share; returns what the process uses."""
+    """Set torch's intra-op threads to this process's share (unless OMP_NUM_THREADS says otherwise);
+    returns what the process uses."""
     share = cores_per_process()
-    torch.set_num_threads(share)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(share)
     return {"cores_per_process": share, "local_processes": local_world_size(),
             "loader_workers": workers or share, "torch_threads": torch.get_num_threads()}

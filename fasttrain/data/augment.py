@@ -111,8 +111,8 @@ def apply(spec: ViewSpec, images: torch.Tensor, generator: torch.Generator,
         x = _pad_crop(x, spec.pad, draw, flip)
     elif spec.resizes:
         if sizes is None:
-            sizes = torch.empty((n, 2), dtype=torch.int64, device=generator.device)
-            sizes[:, 0], sizes[:, 1] = h, w
+            sizes = torch.stack([torch.full((n,), side, dtype=torch.int64, device=generator.device)
+                                 for side in (h, w)], 1)
         x = _resized_crop(x, crop_boxes(spec, sizes, generator).to(x.device), spec.size, flip)
     elif flip is not None:
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)
