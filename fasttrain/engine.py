@@ -27,7 +27,7 @@ from .evaluate import evaluate, write_report
 from .methods import method_class
 from .models import load_pretrained
 from .models.checkpoint import bare_model
-from .runtime import configure_math, configure_threads
+from .runtime import configure_math, configure_threads, sync_batchnorm
 
 CHECKPOINT_FORMAT = 1
 
@@ -61,11 +61,8 @@ class Engine:
             report = load_pretrained(model, cfg.pretrained)
             self.log(f"loaded {report.loaded} tensors from {cfg.pretrained}; head re-initialised; "
                      f"missing {report.missing or 'none'}; unexpected {report.unexpected or 'none'}")
-        if cfg.sync_bn and acc.num_processes > 1:
-            if cfg.method == "moco":
-                raise ValueError("--sync-bn true would undo MoCo's shuffling BN (the key encoder's statistics "
-                                 "must stay per process); leave --sync-bn false for --method moco")
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.sync_bn:
+            model = sync_batchnorm(model, cfg.method, acc.num_processes, self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(cfg, self.method.trainable_parameters(model))

@@ -4,6 +4,8 @@
   `accelerate launch` / torchrun started on this node), never all of them: 8 ranks each starting 32 loader
   threads on a 32-core node would fight over the cores. Loader workers, DALI threads and torch's intra-op
   threads all default to that share.
+- `--sync-bn true`: BatchNorm -> SyncBatchNorm under DDP, for small per-GPU batches (statistics over the
+  global batch); one process: nothing to synchronise, the model is left as it is.
 - cuDNN: `benchmark` on (training shapes are fixed: drop_last), off with `--deterministic true`, which also
   asks for deterministic algorithms. TF32 matmuls / convolutions allowed unless `--tf32 false`.
 """
@@ -46,3 +48,16 @@ def configure_threads(workers: int) -> dict:
         torch.set_num_threads(share)
     return {"cores_per_process": share, "local_processes": local_world_size(),
             "loader_workers": workers or share, "torch_threads": torch.get_num_threads()}
+
+
+def sync_batchnorm(model: torch.nn.Module, method: str, num_processes: int, device: torch.device) -> torch.nn.Module:
+    """`--sync-bn true`: every BatchNorm of `model` becomes a SyncBatchNorm when there are several processes."""
+    if method == "moco":
+        raise ValueError("--sync-bn true would undo MoCo's shuffling BN (the key encoder's statistics must stay "
+                         "per process); leave --sync-bn false for --method moco")
+    if num_processes == 1:
+        return model
+    if device.type == "cpu":
+        raise ValueError("--sync-bn true needs GPUs (torch's SyncBatchNorm does not run on CPU processes); "
+                         "leave it false on CPU")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
