@@ -32,6 +32,11 @@ def machine_info() -> dict:
             "load_average_at_start": os.getloadavg()[0], "versions": {p: version(p) for p in packages}}
 
 
+def labels(rng: np.random.Generator, n: int, num_classes: int = 10) -> np.ndarray:
+    """Random labels with every class present (n >= num_classes): the converter refuses empty classes."""
+    return rng.permutation(np.arange(n) % num_classes)
+
+
 def formats() -> tuple[str, ...]:
     """Formats a benchmark dataset is written in: both where FFCV is installed, else the DALI shards (which
     the dali, torch and device loaders read)."""

@@ -7,14 +7,16 @@
 #
 # PYTHON: the interpreter (default: .venv/bin/python if present, else python3). Packages the GPU machine lacks
 # (ffcv and the libraries it links, see benchmarks/build_gpu_bundle.sh) are taken from benchmarks/gpu_bundle/
-# when that directory exists.
+# when that directory exists and ffcv is not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 BUNDLE=benchmarks/gpu_bundle
-if [ -d "$BUNDLE/site-packages" ]; then
+# only where ffcv is missing, and only for the Python it was built for
+if [ -d "$BUNDLE/site-packages" ] && ! "$PYTHON" -c "import ffcv" 2>/dev/null \
+        && ls "$BUNDLE"/site-packages/ffcv/_libffcv.cpython-"$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"-*.so >/dev/null 2>&1; then
     export PYTHONPATH="$PWD/$BUNDLE/site-packages${PYTHONPATH:+:$PYTHONPATH}"
     export LD_LIBRARY_PATH="$PWD/$BUNDLE/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi

@@ -36,7 +36,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from common import formats, machine_info, natural_jpeg, synchronize  # noqa: E402  (benchmarks/common.py)
+from common import formats, machine_info, natural_jpeg, synchronize
+from common import labels as class_labels  # noqa: E402  (benchmarks/common.py)
 
 from data_prep.convert import write_dataset
 from fasttrain.data import augment, build_loader
@@ -269,7 +270,7 @@ def plot(report: dict, path: Path) -> None:
 def jpeg_set(root: Path, args, num_classes: int = 10):
     """JPEG files on disk (for torch_pil) and the same images converted (max_side 256)."""
     rng = np.random.default_rng(0)
-    files, labels = [], rng.integers(0, num_classes, args.num_jpeg)
+    files, labels = [], class_labels(rng, args.num_jpeg, num_classes)
     for i, label in enumerate(labels):
         path = root / "jpeg_files" / f"class_{label:02d}" / f"img_{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +289,7 @@ def raw_set(root: Path, args, num_classes: int = 10):
     """32 x 32 x 3 random pixels, stored raw."""
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (args.num_raw, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, args.num_raw)
+    labels = class_labels(rng, args.num_raw, num_classes)
     ds = DatasetDir(write_dataset(root / "raw", {"train": {"images": images, "labels": labels}},
                                   num_classes=num_classes, encoding="raw", formats=formats()))
     setting = f"{args.num_raw} raw 32x32x3, pad 4 + crop + flip, batch {args.batch_size}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import formats, machine_info, save_bar_plot, synchronize  # noqa: E402  (benchmarks/common.py)
+from common import formats, labels, machine_info, save_bar_plot, synchronize  # noqa: E402  (benchmarks/common.py)
 
 from fasttrain.config import Config
 from fasttrain.engine import Engine
@@ -28,7 +28,7 @@ def make_dataset(root: Path, n: int, size: int) -> Path:
     from data_prep.convert import write_dataset
     rng = np.random.default_rng(0)
     split = lambda offset: {"images": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),  # noqa: E731
-                            "labels": rng.integers(0, 10, n), "source_index": offset + np.arange(n)}
+                            "labels": labels(rng, n), "source_index": offset + np.arange(n)}
     return write_dataset(root / "bench_ssl", {"train": split(0), "unlabeled": split(n), "test": split(2 * n)},
                          num_classes=10, encoding="raw", shard_size=1000, formats=formats())
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import labels as class_labels
 from common import formats, machine_info, save_bar_plot, synchronize  # noqa: E402  (benchmarks/common.py)
 
 from fasttrain.config import Config
@@ -45,7 +46,7 @@ def make_dataset(root: Path, n: int, size: int, encoding: str, test_images: int 
     (repeating the training images where it is larger)."""
     from data_prep.convert import write_dataset
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, n)
+    labels = class_labels(rng, n)
     if encoding == "raw":
         images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     else:
