@@ -152,8 +152,9 @@ def verdicts(report: dict) -> dict:
                                      "target": TARGETS["cifar_200_epochs_s"],
                                      "met": projections[best] < TARGETS["cifar_200_epochs_s"]}
     if report["mode"] == "cpu":
-        out = {k: {**v, "met": None, "note": "CPU mode: tiny sizes, not comparable with the targets"}
-               if "met" in v else v for k, v in out.items()}
+        note = "CPU mode: tiny sizes, not comparable with the targets"
+        out = {k: {**v, "met": None, "note": note} if "met" in v else
+               {loader: {**r, "met": None, "note": note} for loader, r in v.items()} for k, v in out.items()}
     return out
 
 

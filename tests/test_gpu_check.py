@@ -32,6 +32,7 @@ def test_verdicts_against_the_targets():
     assert not bad["cifar_200_epochs_s"]["met"]
     cpu = gpu_check.verdicts(report(mode="cpu"))
     assert cpu["resnet50_images_per_s"]["met"] is None and "CPU mode" in cpu["cifar_200_epochs_s"]["note"]
+    assert cpu["resnet50_loader_over_preloaded"]["device"]["met"] is None
     assert gpu_check.verdicts({"mode": "gpu", "steps": {}}) == {}
 
 
