@@ -33,7 +33,18 @@ def resources() -> dict:
     from nvidia.dali import Pipeline
     return {"threads": len(os.listdir("/proc/self/task")), "fds": len(os.listdir("/proc/self/fd")),
             "children": len(psutil.Process().children(recursive=True)),
-            "dali_pipelines": sum(isinstance(o, Pipeline) for o in gc.get_objects())}
+            "dali_pipelines": sum(issubclass(type(o), Pipeline) for o in gc.get_objects())}  # type(): no weakproxy errors
+
+
+def stable(seconds: float = 5.0) -> dict:
+    """The resources once two reads 0.6 s apart agree (a thread told to stop checks every 0.5 s)."""
+    deadline, now = time.monotonic() + seconds, resources()
+    while time.monotonic() < deadline:
+        time.sleep(0.6)
+        now, previous = resources(), now
+        if now == previous:
+            break
+    return now
 
 
 def settled(expected: dict, seconds: float = 3.0) -> dict:
@@ -71,7 +82,7 @@ def test_resources_do_not_grow_with_epochs(tiny_raw, tmp_path, pseudo, loader, o
     engine = Engine(cfg)
     try:
         run_epochs(engine, range(0, 2))                      # warm-up: pools, workers, pipelines start
-        before = resources()
+        before = stable()
         run_epochs(engine, range(2, 5))
         after = settled(before)
         assert after == before, f"grew over 3 epochs: {before} -> {after}"
