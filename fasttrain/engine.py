@@ -50,9 +50,9 @@ class Engine:
         set_seed(cfg.seed)
         configure_math(cfg.deterministic, cfg.tf32)
         res = configure_threads(cfg.workers)
-        self.log(f"each of the {res['local_processes']} process(es) on this node uses {res['cores_per_process']} "
-                 f"core(s): {res['loader_workers']} loader workers / DALI threads, {res['torch_threads']} torch "
-                 f"threads; cudnn.benchmark {not cfg.deterministic}, tf32 {cfg.tf32}")
+        self.log(f"resources per rank ({res['local_processes']} on this node): {res['cores_per_process']} core(s), "
+                 f"{res['loader_workers']} loader workers / DALI threads, {res['torch_threads']} torch threads; "
+                 f"cudnn.benchmark {not cfg.deterministic}, tf32 {cfg.tf32}")
 
         self.dataset = DatasetDir(cfg.data)
         self.method = method_class(cfg.method)(cfg, self.dataset)

@@ -43,8 +43,9 @@ def test_engine_prints_what_each_process_uses_once(node, tiny_raw, tmp_path, cap
         Engine(Config(data=str(tiny_raw), out=str(tmp_path)).update(TINY_RUN | dict(workers=0)))
     finally:
         torch.set_num_threads(threads)
-    lines = [l for l in capsys.readouterr().out.splitlines() if "process(es) on this node" in l]
-    assert len(lines) == 1 and "uses 8 core(s): 8 loader workers" in lines[0] and "8 torch threads" in lines[0]
+    lines = [l for l in capsys.readouterr().out.splitlines() if "resources per rank" in l]
+    assert len(lines) == 1 and "(8 on this node): 8 core(s), 8 loader workers" in lines[0]
+    assert "8 torch threads" in lines[0]
 
 
 @pytest.mark.parametrize("deterministic,tf32", [(False, True), (True, False)])
