@@ -23,12 +23,32 @@ def machine_info() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    packages = ("torch", "ffcv", "nvidia-dali-cuda120", "accelerate", "numpy", "numba", "pillow", "opencv-python")
+    packages = ("torch", "ffcv", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "accelerate", "numpy", "numba",
+                "pillow", "opencv-python", "opencv-python-headless")
     return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_model": _cpu_model(),
             "cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
             "python": platform.python_version(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "load_average_at_start": os.getloadavg()[0], "versions": {p: version(p) for p in packages}}
+
+
+def labels(rng: np.random.Generator, n: int, num_classes: int = 10) -> np.ndarray:
+    """Random labels with every class present (n >= num_classes): the converter refuses empty classes."""
+    return rng.permutation(np.arange(n) % num_classes)
+
+
+def formats() -> tuple[str, ...]:
+    """Formats a benchmark dataset is written in: both where FFCV is installed, else the DALI shards (which
+    the dali, torch and device loaders read)."""
+    import importlib.util
+    return ("ffcv", "dali") if importlib.util.find_spec("ffcv") else ("dali",)
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer measures it."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _cpu_model() -> str:

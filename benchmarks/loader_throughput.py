@@ -20,6 +20,7 @@ Writes JSON (machine, versions, settings, results, acceptance ratios) and a PNG 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -35,7 +36,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from common import machine_info, natural_jpeg  # noqa: E402  (benchmarks/common.py)
+from common import formats, machine_info, natural_jpeg, synchronize
+from common import labels as class_labels  # noqa: E402  (benchmarks/common.py)
 
 from data_prep.convert import write_dataset
 from fasttrain.data import augment, build_loader
@@ -174,13 +176,15 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + done.ru_utime + done.ru_stime + live
 
 
-def time_epochs(loader, first_epoch: int, epochs: int) -> dict:
+def time_epochs(loader, first_epoch: int, epochs: int, device="cpu") -> dict:
     """Wall seconds and CPU seconds of `epochs` epochs, and the images they yielded."""
+    synchronize(device)
     load_before, cpu_before, start, count = os.getloadavg()[0], cpu_seconds(), time.perf_counter(), 0
     for epoch in range(first_epoch, first_epoch + epochs):
         loader.set_epoch(epoch)
         for batch in loader:
             count += len(batch)
+    synchronize(device)
     return {"img_per_s": count / (time.perf_counter() - start),
             "cpu_ms_per_img": (cpu_seconds() - cpu_before) / count * 1e3, "images": count,
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
@@ -190,19 +194,21 @@ def run_set(name: str, ds: DatasetDir, torch_dataset: Dataset, views, size, args
     """Every loader warmed up (one epoch: JIT compilation, workers, page cache), then `rounds` rounds of
     `epochs` timed epochs, the loaders interleaved so that they share the machine's quiet and busy
     moments; img/s is the best round (timeit's rule: other load only slows down), CPU ms the median."""
-    loaders = {
-        "torch_pil": torch_pil_loader(torch_dataset, args.batch_size, args.workers),
-        "ffcv_raw": ffcv_raw_loader(ds, args.batch_size, args.workers, size),
-        **{f"fasttrain_{kind}": build_loader(ds, "train", kind=kind, batch_size=args.batch_size, views=views,
-                                             train=True, workers=args.workers) for kind in KINDS},
+    makers = {
+        "torch_pil": lambda: torch_pil_loader(torch_dataset, args.batch_size, args.workers),
+        "ffcv_raw": lambda: ffcv_raw_loader(ds, args.batch_size, args.workers, size),
+        **{f"fasttrain_{kind}": functools.partial(build_loader, ds, "train", kind=kind, batch_size=args.batch_size,
+                                                  views=views, train=True, workers=args.workers, device=args.device)
+           for kind in KINDS},
     }
+    loaders = {name: make() for name, make in makers.items() if name in args.loaders.split(",")}
     for loader in loaders.values():
-        time_epochs(loader, 0, 1)
+        time_epochs(loader, 0, 1, args.device)
     rounds = {loader_name: [] for loader_name in loaders}
     for r in range(args.rounds):
         for loader_name, loader in loaders.items():
             torch.set_num_threads(args.workers)       # FFCV changes it; the same for everyone
-            rounds[loader_name].append(time_epochs(loader, 1 + r * args.epochs, args.epochs))
+            rounds[loader_name].append(time_epochs(loader, 1 + r * args.epochs, args.epochs, args.device))
     results = {}
     for loader_name, timed in rounds.items():
         speeds = [t["img_per_s"] for t in timed]
@@ -225,6 +231,8 @@ def acceptance(results: dict) -> dict:
     in CPU time per image, which other load on the machine disturbs much less."""
     speed = {name: v["img_per_s"] for name, v in results.items()}
     cost = {name: v["cpu_ms_per_img"] for name, v in results.items()}
+    if not {"fasttrain_ffcv", "torch_pil", "ffcv_raw"} <= set(speed):
+        return {"skipped": "needs fasttrain_ffcv, torch_pil and ffcv_raw in --loaders"}
     return {"ffcv_over_torch_pil": round(speed["fasttrain_ffcv"] / speed["torch_pil"], 2),
             "ffcv_over_ffcv_raw": round(speed["fasttrain_ffcv"] / speed["ffcv_raw"], 3),
             "passes": speed["fasttrain_ffcv"] >= 3 * speed["torch_pil"] and
@@ -262,14 +270,14 @@ def plot(report: dict, path: Path) -> None:
 def jpeg_set(root: Path, args, num_classes: int = 10):
     """JPEG files on disk (for torch_pil) and the same images converted (max_side 256)."""
     rng = np.random.default_rng(0)
-    files, labels = [], rng.integers(0, num_classes, args.num_jpeg)
+    files, labels = [], class_labels(rng, args.num_jpeg, num_classes)
     for i, label in enumerate(labels):
         path = root / "jpeg_files" / f"class_{label:02d}" / f"img_{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(natural_jpeg(rng))
         files.append(path)
     ds = DatasetDir(write_dataset(root / "jpeg", {"train": {"images": files, "labels": labels}},
-                                  num_classes=num_classes, encoding="jpeg", max_side=256))
+                                  num_classes=num_classes, encoding="jpeg", max_side=256, formats=formats()))
     kb = np.mean([p.stat().st_size for p in files]) / 1e3
     setting = (f"{args.num_jpeg} JPEGs 300-500 px ({kb:.0f} KB), max_side 256, RRC {args.size} + flip, "
                f"batch {args.batch_size}")
@@ -281,9 +289,9 @@ def raw_set(root: Path, args, num_classes: int = 10):
     """32 x 32 x 3 random pixels, stored raw."""
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (args.num_raw, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, args.num_raw)
+    labels = class_labels(rng, args.num_raw, num_classes)
     ds = DatasetDir(write_dataset(root / "raw", {"train": {"images": images, "labels": labels}},
-                                  num_classes=num_classes, encoding="raw"))
+                                  num_classes=num_classes, encoding="raw", formats=formats()))
     setting = f"{args.num_raw} raw 32x32x3, pad 4 + crop + flip, batch {args.batch_size}"
     return ds, RawArray(images, labels, ds.mean, ds.std), [augment.small_train()], None, setting
 
@@ -302,6 +310,9 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=160, help="RandomResizedCrop output side (jpeg set)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--sets", default="jpeg,raw")
+    p.add_argument("--loaders", default="torch_pil,ffcv_raw," + ",".join(f"fasttrain_{k}" for k in KINDS),
+                   help="which of torch_pil, ffcv_raw, fasttrain_<kind> to time")
+    p.add_argument("--device", default="cpu", help="where fasttrain loaders put their batches (e.g. cuda)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +322,7 @@ def main(argv=None) -> dict:
             ds, torch_dataset, views, size, report["settings"][name] = SETS[name](Path(tmp), args)
             report["results"][name] = run_set(name, ds, torch_dataset, views, size, args)
             report["acceptance"][name] = acceptance(report["results"][name])
-    report["settings"].update(workers=args.workers, warmup_epochs=1, rounds=args.rounds,
+    report["settings"].update(workers=args.workers, device=args.device, warmup_epochs=1, rounds=args.rounds,
                               epochs_per_round=args.epochs, img_per_s="best round", cpu_ms_per_img="median round")
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, out.with_suffix(".png"))

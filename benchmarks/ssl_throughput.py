@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from common import machine_info, save_bar_plot  # noqa: E402  (benchmarks/common.py)
+from common import formats, labels, machine_info, save_bar_plot, synchronize  # noqa: E402  (benchmarks/common.py)
 
 from fasttrain.config import Config
 from fasttrain.engine import Engine
@@ -29,9 +28,9 @@ def make_dataset(root: Path, n: int, size: int) -> Path:
     from data_prep.convert import write_dataset
     rng = np.random.default_rng(0)
     split = lambda offset: {"images": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),  # noqa: E731
-                            "labels": rng.integers(0, 10, n), "source_index": offset + np.arange(n)}
+                            "labels": labels(rng, n), "source_index": offset + np.arange(n)}
     return write_dataset(root / "bench_ssl", {"train": split(0), "unlabeled": split(n), "test": split(2 * n)},
-                         num_classes=10, encoding="raw", shard_size=1000)
+                         num_classes=10, encoding="raw", shard_size=1000, formats=formats())
 
 
 def random_pseudo_labels(path: Path, data: Path) -> Path:
@@ -47,12 +46,11 @@ def random_pseudo_labels(path: Path, data: Path) -> Path:
 def images_per_second(engine: Engine, epochs: int) -> float:
     """Images per second per view over `epochs` timed epochs, after one warm-up epoch."""
     engine.train_epoch(0)
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    sync()
+    synchronize(engine.device)
     t0 = time.perf_counter()
     for e in range(1, epochs + 1):
         engine.train_epoch(e)
-    sync()
+    synchronize(engine.device)
     steps = epochs * len(engine.train_loader)
     return steps * engine.per_process_batch * engine.accelerator.num_processes / (time.perf_counter() - t0)
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from common import machine_info, save_bar_plot  # noqa: E402  (benchmarks/common.py)
+from common import labels as class_labels
+from common import formats, machine_info, save_bar_plot, synchronize  # noqa: E402  (benchmarks/common.py)
 
 from fasttrain.config import Config
 from fasttrain.engine import Engine
@@ -41,27 +41,29 @@ class Preloaded:
         return iter(self.batches)
 
 
-def make_dataset(root: Path, n: int, size: int, encoding: str) -> Path:
+def make_dataset(root: Path, n: int, size: int, encoding: str, test_images: int = 256) -> Path:
+    """`n` training images (raw size x size x 3, or ImageNet-like JPEGs) and a test split of `test_images`
+    (repeating the training images where it is larger)."""
     from data_prep.convert import write_dataset
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, n)
+    labels = class_labels(rng, n)
     if encoding == "raw":
         images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     else:
         from common import natural_image
         images = [natural_image(rng) for _ in range(n)]
+    test = np.arange(test_images) % n
+    test_split = {"images": images[test] if encoding == "raw" else [images[i] for i in test], "labels": labels[test]}
     return write_dataset(root / f"bench_{encoding}", {"train": {"images": images, "labels": labels},
-                                                       "test": {"images": images[:256], "labels": labels[:256]}},
-                         num_classes=10, encoding=encoding, shard_size=1000)
+                                                       "test": test_split},
+                         num_classes=10, encoding=encoding, shard_size=1000, formats=formats())
 
 
 def images_per_second(engine: Engine, epoch: int) -> float:
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(engine.device)
     t0 = time.perf_counter()
     engine.train_epoch(epoch)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(engine.device)
     return len(engine.train_loader) * engine.per_process_batch / (time.perf_counter() - t0)
 
 
@@ -92,14 +94,15 @@ def main():
     p.add_argument("--loaders", default="device,ffcv,dali,torch")
     p.add_argument("--precision", default="no")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--test-images", type=int, default=256)
+    p.add_argument("--time-eval", action="store_true", help="also time one evaluation of the test split")
     args = p.parse_args()
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         encoding = "raw" if args.image_size <= 64 else "jpeg"
-        data = make_dataset(Path(tmp), args.images, args.image_size, encoding)
-        loaders = [l for l in args.loaders.split(",") if encoding == "raw" or l != "device"]
-        for loader in loaders:
+        data = make_dataset(Path(tmp), args.images, args.image_size, encoding, args.test_images)
+        for loader in args.loaders.split(","):
             cfg = Config(data=str(data), out=str(Path(tmp) / f"run_{loader}"), arch=args.arch, epochs=100,
                          batch_size=args.batch_size, lr=0.05, schedule="constant", loader=loader,
                          image_size=args.image_size, precision=args.precision, channels_last=args.channels_last,
@@ -107,7 +110,14 @@ def main():
             engine = Engine(cfg)
             real, preloaded = compare(engine, args.rounds)
             results[loader] = {"images_per_s": real, "preloaded_images_per_s": preloaded,
-                               "ratio": real / preloaded}
+                               "ratio": real / preloaded, "train_images": len(engine.train_loader) * args.batch_size}
+            if args.time_eval:
+                engine.evaluate(0)                                # warm-up: shapes of the last batch
+                synchronize(engine.device)
+                t0 = time.perf_counter()
+                engine.evaluate(1)
+                synchronize(engine.device)
+                results[loader].update(eval_seconds=time.perf_counter() - t0, eval_images=args.test_images)
             print(f"{loader:>7}: {real:8.1f} img/s with the loader, {preloaded:8.1f} pre-loaded "
                   f"-> {100 * real / preloaded:.1f}%", flush=True)
             del engine

@@ -40,7 +40,7 @@ class Config:
     out: str = opt("", "run directory (config.yaml, metrics, checkpoints, model.pt)")
     method: str = opt("supervised", "what is trained", ("supervised", "crt", "rotation", "moco", "self_training"))
     loader: str = opt("ffcv", "input pipeline", ("ffcv", "dali", "torch", "device"))
-    workers: int = opt(0, "loader threads/processes; 0 = all cores")
+    workers: int = opt(0, "loader threads/processes; 0 = this process's share of the node's cores")
     train_split: str = opt("train", "split to train on")
     eval_split: str = opt("", "split that picks the best epoch; empty = val if present, else test")
     image_size: int = opt(224, "training crop size for jpeg sets (raw small-image sets keep their size)")
@@ -78,6 +78,9 @@ class Config:
     precision: str = opt("no", "mixed precision", ("no", "bf16", "fp16"))
     channels_last: bool = opt(False, "channels_last memory format")
     compile: bool = opt(False, "torch.compile the model")
+    sync_bn: bool = opt(False, "BatchNorm -> SyncBatchNorm under DDP (for small per-GPU batches)")
+    deterministic: bool = opt(False, "deterministic algorithms; cudnn.benchmark off")
+    tf32: bool = opt(True, "allow TF32 matmuls / convolutions on Ampere+ GPUs")
 
     # loss and re-balancing
     loss: str = opt("ce", "training loss", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))

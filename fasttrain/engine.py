@@ -29,7 +29,8 @@ from .dataset import DatasetDir, DatasetError
 from .evaluate import evaluate, results_table, write_report
 from .methods import method_class
 from .models import load_pretrained
-from .models.checkpoint import save_backbone
+from .models.checkpoint import bare_model, save_backbone
+from .runtime import configure_math, configure_threads, sync_batchnorm
 
 CHECKPOINT_FORMAT = 1
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory holding it is complete
@@ -63,6 +64,11 @@ class Engine:
         self.per_process_batch = cfg.batch_size // acc.num_processes
         self.log(batch_and_lr(cfg, acc.num_processes))
         set_seed(cfg.seed)
+        configure_math(cfg.deterministic, cfg.tf32)
+        res = configure_threads(cfg.workers)
+        self.log(f"resources per rank ({res['local_processes']} on this node): {res['cores_per_process']} core(s), "
+                 f"{res['loader_workers']} loader workers / DALI threads, {res['torch_threads']} torch threads; "
+                 f"cudnn.benchmark {not cfg.deterministic}, tf32 {cfg.tf32}")
 
         self.dataset = DatasetDir(cfg.data)
         self.method = method_class(cfg.method)(cfg, self.dataset)
@@ -71,6 +77,8 @@ class Engine:
             report = load_pretrained(model, cfg.pretrained)
             self.log(f"loaded {report.loaded} tensors from {cfg.pretrained}; head re-initialised; "
                      f"missing {report.missing or 'none'}; unexpected {report.unexpected or 'none'}")
+        if cfg.sync_bn:
+            model = sync_batchnorm(model, cfg.method, acc.num_processes, self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(cfg, self.method.trainable_parameters(model))
@@ -194,7 +202,8 @@ class Engine:
         bar.close()
         self.sync_buffers()
         seconds = time.perf_counter() - t0
-        means = {k: (acc.reduce(v / n, "mean") if acc.num_processes > 1 else v / n).item() for k, v in sums.items()}
+        totals = torch.stack(list(sums.values())) / n                 # one read-back per epoch
+        means = dict(zip(sums, (acc.reduce(totals, "mean") if acc.num_processes > 1 else totals).tolist()))
         means.update(lr=lr, seconds=seconds, train_images_per_s=images * acc.num_processes / seconds)
         self.log(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items()))
         return means
@@ -356,7 +365,7 @@ class Engine:
             final, confusion, best = self.final_and_best()
         acc.wait_for_everyone()
         if self.is_main:
-            model = acc.unwrap_model(self.model)
+            model = bare_model(self.model)            # no DDP / torch.compile prefixes in the saved files
             self.method.export(model, self.run_dir)
             torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": self.cfg.head,
                         "num_classes": self.method.num_outputs(), "in_channels": self.dataset.channels,

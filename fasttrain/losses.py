@@ -90,7 +90,8 @@ class LDAMLoss(_WeightedLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        true_class = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        # scatter, not F.one_hot: one_hot reads the targets' range back to the host on the CPU
+        true_class = torch.zeros_like(logits).scatter_(1, targets.unsqueeze(1), 1.0)
         return F.cross_entropy(self.scale * (logits - true_class * self.margins), targets, weight=self.weight)
 
 

@@ -6,8 +6,10 @@ Stage 1 (the backend: FFCV, DALI, PIL) decodes; for jpeg sets it also does the s
     crop (raw sets: pad-crop, RandomResizedCrop or center crop) -> flip -> color jitter
     (brightness, contrast, saturation, hue: always this order) -> grayscale -> gaussian blur -> normalize
 
-All random parameters are drawn from a CPU `torch.Generator` in that order (only for the ops a view has)
-and then moved to the device, so a batch is a pure function of (input, generator state) on any device.
+All random parameters are drawn from a `torch.Generator` in that order (only for the ops a view has), on the
+generator's device: the loaders give a generator on the training device, so no draw needs a host-to-device
+copy or a synchronisation, and a batch is a pure function of (input, generator seed) on a given device kind
+(CUDA and CPU generators give different streams). Nothing here reads a value back to the host.
 A view whose stage 2 is only normalization draws nothing, so a backend may finish it itself (the FFCV
 loader does on the CPU).
 """
@@ -103,13 +105,15 @@ def apply(spec: ViewSpec, images: torch.Tensor, generator: torch.Generator,
     x = images if layout == "NHWC" else images.permute(0, 2, 3, 1)
     n, h, w, c = x.shape
     mean, std = (v if isinstance(v, torch.Tensor) else stats(v, x.device) for v in (mean, std))
-    draw = _Draws(generator, n, x.device)
+    draw = _Draws(generator, n)
     flip = draw.coin(0.5) if spec.flip else None
     if spec.crop == "pad":
         x = _pad_crop(x, spec.pad, draw, flip)
     elif spec.resizes:
-        boxes = crop_boxes(spec, torch.tensor([[h, w]]).expand(n, 2) if sizes is None else sizes, generator)
-        x = _resized_crop(x, boxes, spec.size, flip)
+        if sizes is None:
+            sizes = torch.stack([torch.full((n,), side, dtype=torch.int64, device=generator.device)
+                                 for side in (h, w)], 1)
+        x = _resized_crop(x, crop_boxes(spec, sizes, generator).to(x.device), spec.size, flip)
     elif flip is not None:
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -140,22 +144,30 @@ def crop_boxes(spec: ViewSpec, sizes: torch.Tensor, generator: torch.Generator) 
     """The crop boxes of a resizing view (N x 4 float64: top, left, height, width) for images of
     `sizes` (N x 2: height, width); random ones are drawn from `generator`."""
     if spec.crop == "rrc":
-        return _rrc_boxes(sizes.cpu(), spec.scale, spec.ratio, _Draws(generator, len(sizes), "cpu"))
-    return _center_boxes(sizes.cpu(), spec.center_ratio)
+        return _rrc_boxes(sizes, spec.scale, spec.ratio, _Draws(generator, len(sizes)))
+    return _center_boxes(sizes, spec.center_ratio)
+
+
+def flips(view: ViewSpec, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Per image: mirror it? (bool, on the generator's device; all False for a view without flip)."""
+    return torch.rand(n, generator=generator, device=generator.device) < (0.5 if view.flip else 0.0)
 
 
 class _Draws:
-    """Random parameters for one batch: drawn on the CPU generator, returned on the device."""
+    """Random parameters for one batch, drawn on the generator's device (no copy, no sync)."""
 
-    def __init__(self, generator: torch.Generator, n: int, device):
-        self.gen, self.n, self.device = generator, n, device
+    def __init__(self, generator: torch.Generator, n: int):
+        self.gen, self.n, self.device = generator, n, generator.device
 
-    def uniform(self, low: float, high: float, shape=(), on_cpu=False) -> torch.Tensor:
-        u = torch.rand((self.n, *shape), generator=self.gen, dtype=torch.float64) * (high - low) + low
-        return u if on_cpu else u.to(self.device, torch.float32)
+    def uniform(self, low: float, high: float, shape=(), dtype=torch.float32) -> torch.Tensor:
+        u = torch.rand((self.n, *shape), generator=self.gen, dtype=torch.float64, device=self.device)
+        return (u * (high - low) + low).to(dtype)
 
     def coin(self, p: float) -> torch.Tensor:
-        return (torch.rand(self.n, generator=self.gen) < p).to(self.device)
+        return torch.rand(self.n, generator=self.gen, device=self.device) < p
+
+    def integers(self, high: int, shape=()) -> torch.Tensor:
+        return torch.randint(0, high, shape, generator=self.gen, device=self.device)
 
 
 def _pad_crop(x: torch.Tensor, pad: int, draw: _Draws, flip: torch.Tensor | None) -> torch.Tensor:
@@ -163,7 +175,7 @@ def _pad_crop(x: torch.Tensor, pad: int, draw: _Draws, flip: torch.Tensor | None
     windows), mirror it where `flip`."""
     n, h, w, c = x.shape
     padded = F.pad(x, (0, 0, pad, pad, pad, pad))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=draw.gen).to(x.device)
+    dy, dx = draw.integers(2 * pad + 1, (2, n)).to(x.device)
     sn, sh, sw, sc = padded.stride()
     windows = padded.as_strided((n, 2 * pad + 1, 2 * pad + 1, h, w, c), (sn, sh, sw, sh, sw, sc))
     out = windows[torch.arange(n, device=x.device), dy, dx]
@@ -174,8 +186,9 @@ def _rrc_boxes(sizes: torch.Tensor, scale, ratio, draw: _Draws, attempts: int = 
     """RandomResizedCrop boxes (N x 4: top, left, height, width), torchvision's rule, vectorized: the
     first of `attempts` candidates that fits, else the whole image clamped to the ratio range."""
     height, width = sizes[:, :1].double(), sizes[:, 1:].double()
-    area = height * width * draw.uniform(*scale, (attempts,), on_cpu=True)
-    log_ratio = draw.uniform(math.log(ratio[0]), math.log(ratio[1]), (attempts,), on_cpu=True)
+    f64 = torch.float64
+    area = height * width * draw.uniform(*scale, (attempts,), f64)
+    log_ratio = draw.uniform(math.log(ratio[0]), math.log(ratio[1]), (attempts,), f64)
     w = torch.round(torch.sqrt(area * torch.exp(log_ratio)))
     h = torch.round(torch.sqrt(area / torch.exp(log_ratio)))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -186,9 +199,9 @@ def _rrc_boxes(sizes: torch.Tensor, scale, ratio, draw: _Draws, attempts: int = 
     fallback_h = torch.where(width / height < ratio[0], torch.round(width / ratio[0]), height)
     found = fits.any(1, keepdim=True)
     w, h = torch.where(found, w, fallback_w), torch.where(found, h, fallback_h)
-    top = torch.where(found, torch.floor(draw.uniform(0, 1, (1,), on_cpu=True) * (height - h + 1)),
+    top = torch.where(found, torch.floor(draw.uniform(0, 1, (1,), f64) * (height - h + 1)),
                       torch.floor((height - h) / 2))
-    left = torch.where(found, torch.floor(draw.uniform(0, 1, (1,), on_cpu=True) * (width - w + 1)),
+    left = torch.where(found, torch.floor(draw.uniform(0, 1, (1,), f64) * (width - w + 1)),
                        torch.floor((width - w) / 2))
     return torch.cat([top, left, h, w], 1)
 
@@ -206,14 +219,10 @@ def _resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int,
     `flip`: one affine grid_sample. Returns float NCHW, 0-255."""
     n, h, w, _ = x.shape
     top, left, bh, bw = boxes.T
-    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = bw / w
-    theta[:, 0, 2] = (2 * left + bw) / w - 1
-    theta[:, 1, 1] = bh / h
-    theta[:, 1, 2] = (2 * top + bh) / h - 1
-    theta = theta.to(x.device, torch.float32)
-    if flip is not None:
-        theta[:, 0, 0] = torch.where(flip, -theta[:, 0, 0], theta[:, 0, 0])
+    zero = torch.zeros_like(bw)
+    scale_x = bw / w if flip is None else torch.where(flip, -bw / w, bw / w)
+    theta = torch.stack([torch.stack([scale_x, zero, (2 * left + bw) / w - 1], 1),
+                         torch.stack([zero, bh / h, (2 * top + bh) / h - 1], 1)], 1).float()
     grid = F.affine_grid(theta, [n, x.shape[3], size, size], align_corners=False)
     return F.grid_sample(x.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
@@ -256,7 +265,7 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = hue.gather(1, argmax.unsqueeze(1)).squeeze(1)
     hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
     hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)   # 5, 3, 1
                         + hue.unsqueeze(1) * 6, 6)
     rgb = value.unsqueeze(1) - chroma.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
     return rgb * 255

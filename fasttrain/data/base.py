@@ -1,7 +1,6 @@
 """What every loader shares: the epoch's positions for this rank, batch count, seeding, stage 2."""
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import Iterator, Sequence
 
@@ -14,10 +13,12 @@ from fasttrain.data.batch import Batch
 from fasttrain.data.sampling import SAMPLERS, check_rank, epoch_order, shard_eval, shard_train
 from fasttrain.data.shards import ShardReader
 from fasttrain.dataset import DatasetDir, DatasetError
+from fasttrain.runtime import cores_per_process
 
 
 def default_workers() -> int:
-    return len(os.sched_getaffinity(0))
+    """This process's share of the node's cores (cores / processes on the node), not every core."""
+    return cores_per_process()
 
 
 def derive_seed(*values: int) -> int:
@@ -62,7 +63,7 @@ class LoaderBase(ABC):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.samples_per_class = samples_per_class
         self.device, self.channels_last = torch.device(device), channels_last
-        self.workers = workers or default_workers()         # None or 0: every usable core
+        self.workers = workers or default_workers()         # None or 0: this process's share of the cores
         self.is_raw = dataset.is_raw
         if not self.is_raw and not all(v.resizes for v in self.views):
             raise ValueError("jpeg sets have images of different sizes: every view needs crop='rrc' or "
@@ -73,6 +74,9 @@ class LoaderBase(ABC):
         self._labels = torch.from_numpy(self.split.labels).to(self.device)
         self._source_index = torch.from_numpy(self.split.source_index).to(self.device)
         self.epoch = 0
+
+    def close(self) -> None:
+        """Release the backend's threads, processes and pipelines (also done when collected)."""
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -93,19 +97,28 @@ class LoaderBase(ABC):
         return -(-len(shard_eval(len(self.positions), self.rank, self.world_size)) // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        positions = self.epoch_positions(self.epoch)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
+        positions, on_device, generator = self._start_epoch()
         for start, decoded in zip(range(0, len(positions), self.batch_size), self._decoded(positions)):
-            yield self._batch(decoded, positions[start:start + self.batch_size], generator)
+            yield self._batch(decoded, on_device[start:start + self.batch_size], generator)
+
+    def _start_epoch(self) -> tuple[np.ndarray, torch.Tensor, torch.Generator]:
+        """Once per epoch: this rank's positions (host, and on the device in one copy), and the stage-2
+        generator seeded by (seed, epoch, rank), on the device so that no random draw needs a copy."""
+        positions = self.epoch_positions(self.epoch)
+        on_device = torch.from_numpy(positions)
+        if self.device.type == "cuda":
+            on_device = on_device.pin_memory().to(self.device, non_blocking=True)
+        generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, self.rank))
+        return positions, on_device, generator
 
     def _stage2_spec(self, view: ViewSpec) -> ViewSpec:
         """What stage 2 does for a view of this loader: everything on raw sets, the rest after the
         backend's crop and flip on jpeg sets."""
         return view if self.is_raw else view.after_decode()
 
-    def _batch(self, decoded: list[torch.Tensor], positions: np.ndarray, generator) -> Batch:
-        index = torch.from_numpy(positions).to(self.device, non_blocking=True)
-        sizes = self._valid_sizes(positions)
+    def _batch(self, decoded: list[torch.Tensor], index: torch.Tensor, generator) -> Batch:
+        """Stage 2 of one batch; `index`: its positions, on the device. No host synchronisation."""
+        sizes = self._valid_sizes(index)
         views = tuple(x if x.is_floating_point() else
                       augment.apply(self._stage2_spec(spec), x.to(self.device, non_blocking=True), generator,
                                     self.mean, self.std, self.channels_last, sizes=sizes)
@@ -123,8 +136,8 @@ class LoaderBase(ABC):
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         """The epoch's decoded batches (see the class docstring)."""
 
-    def _valid_sizes(self, positions: np.ndarray) -> torch.Tensor | None:
-        """Per image (height, width) of the valid region when images sit in a padded canvas."""
+    def _valid_sizes(self, index: torch.Tensor) -> torch.Tensor | None:
+        """Per image (height, width) of the valid region when images sit in a padded canvas (on the device)."""
         return None
 
 

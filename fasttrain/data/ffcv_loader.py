@@ -122,9 +122,13 @@ class FfcvLoader(LoaderBase):
 
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         self.loader.next_epoch = self.epoch       # iterating twice replays the same epoch
-        for outputs in self.loader:
-            # uint8 outputs live in FFCV's reused buffers: stage 2 copies them before the next batch.
-            yield [outputs[0]] * len(self.views) if self.is_raw else list(outputs)
+        epoch = iter(self.loader)
+        try:
+            for outputs in epoch:
+                # uint8 outputs live in FFCV's reused buffers: stage 2 copies them before the next batch.
+                yield [outputs[0]] * len(self.views) if self.is_raw else list(outputs)
+        finally:
+            epoch.close()      # an epoch left early: stop FFCV's thread now (it would wait for a free slot forever)
 
 
 def _output_name(view_index: int) -> str:

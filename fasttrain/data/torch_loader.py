@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fasttrain.data.augment import ViewSpec, crop_boxes
+from fasttrain.data.augment import ViewSpec, crop_boxes, flips
 from fasttrain.data.base import LoaderBase, derive_seed
 from fasttrain.data.shards import ShardReader, decode_rgb
 
@@ -42,9 +42,9 @@ class ShardBatches(Dataset):
 def _crop_resize_flip(images: list[Image.Image], sizes: torch.Tensor, view: ViewSpec,
                       generator: torch.Generator) -> torch.Tensor:
     boxes = crop_boxes(view, sizes, generator).long().tolist()
-    flips = torch.rand(len(images), generator=generator) < (0.5 if view.flip else 0.0)
+    mirror = flips(view, len(images), generator).tolist()
     out = np.empty((len(images), view.size, view.size, 3), np.uint8)
-    for i, (image, (top, left, h, w), flip) in enumerate(zip(images, boxes, flips.tolist())):
+    for i, (image, (top, left, h, w), flip) in enumerate(zip(images, boxes, mirror)):
         crop = image.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + w, top + h))
         out[i] = np.asarray(crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop)
     return torch.from_numpy(out)

@@ -54,6 +54,9 @@ def _bare(model: nn.Module) -> nn.Module:
     return _bare(inner[0]) if inner else model
 
 
+bare_model = _bare    # public name: the model inside DDP / torch.compile wrappers
+
+
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict without the classifier `fc.*` (and without wrapper prefixes)."""
     return _backbone_keys(model.state_dict())
