@@ -18,7 +18,7 @@ class Config:
     # data and run
     data: str = ""                    # dataset directory written by data_prep.convert
     out: str = ""                     # run directory
-    method: str = "supervised"        # supervised | crt | rotation | moco | self_training
+    method: str = "supervised"        # supervised | crt | rotation | moco
     loader: str = "ffcv"              # ffcv | dali | torch | device
     workers: int = 0                  # loader threads/processes; 0 = all cores
     train_split: str = "train"
@@ -63,10 +63,7 @@ class Config:
     sampler: str = "uniform"          # uniform | balanced | sqrt
 
     # self-training (semi-supervised)
-    pseudo_labels: str = ""           # pseudo_labels.npz written by fasttrain.methods.self_training
-    pseudo_weight: float = 1.0        # weight of the pseudo-labeled loss
-    pseudo_share: float = 0.5         # share of each batch taken from the pseudo-labeled pool
-    pseudo_threshold: float = 0.0     # keep pseudo-labels with confidence >= this
+    pseudo_threshold: float = 0.0     # pseudo-label stage: keep pool samples with confidence >= this (0 = all)
 
     # self-supervised pre-training
     moco_dim: int = 128

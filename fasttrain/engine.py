@@ -1,4 +1,4 @@
-"""The training engine: one loop for every method (supervised, cRT, rotation, MoCo, self-training).
+"""The training engine: one loop for every method (supervised, cRT, rotation, MoCo).
 
     engine = Engine(cfg)       # accelerator, data, method, model, optimiser, loaders
     status = engine.fit()      # "done" | "stopped" (after --stop-after-epochs)
@@ -170,7 +170,7 @@ class Engine:
                 self.state["step"] += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            images += self.per_process_batch  # every image of the step (self-training: labeled + pseudo)
+            images += self.per_process_batch
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
                 bar.set_postfix(loss=f"{(sums['loss'] / (i + 1)).item():.4f}", lr=f"{lr:.4g}")
             bar.update(1)
@@ -195,7 +195,7 @@ class Engine:
                     buffer /= self.accelerator.num_processes
 
     def evaluate(self, epoch: int) -> dict:
-        counts = self.dataset.split(self.cfg.train_split).class_counts
+        counts = self.dataset.shot_counts(self.cfg.train_split)  # labeled counts (self-training)
         metrics, confusion = evaluate(self.accelerator.unwrap_model(self.model), self.eval_loader,
                                       self.dataset.num_classes, counts, self.accelerator,
                                       many=self.cfg.many_threshold, few=self.cfg.few_threshold)
@@ -253,7 +253,7 @@ class Engine:
                         "num_classes": self.method.num_outputs(), "in_channels": self.dataset.channels,
                         "method": self.cfg.method, "state_dict": model.state_dict()}, self.run_dir / "model.pt")
             if self.eval_loader is not None:
-                counts = self.dataset.split(self.cfg.train_split).class_counts
+                counts = self.dataset.shot_counts(self.cfg.train_split)  # labeled counts (self-training)
                 write_report(self.run_dir, self.last_metrics | {"best_top1": self.state["best_top1"],
                                                                 "best_epoch": self.state["best_epoch"]},
                              self.last_confusion, counts, self.dataset.class_names)

@@ -21,3 +21,6 @@ CRT = dict(IMAGENET, method="crt", epochs=10, sampler="balanced")
 # MoCo v2 pre-training: queue 65536, momentum 0.999, T 0.2, MLP head, cosine lr 0.015 at batch 128.
 MOCO = dict(IMAGENET, method="moco", epochs=200, batch_size=256, lr=0.015, lr_ref_batch=128, weight_decay=1e-4,
             moco_queue=65536, moco_momentum=0.999, moco_temperature=0.2, moco_mlp=True)
+
+# Self-training's joint stage (train_semi.py): the CIFAR recipe at batch 256, on labeled + pseudo-labeled data.
+SEMI = dict(CIFAR, batch_size=256)
