@@ -1,4 +1,5 @@
-"""Rotation SSP: one rotation per image with balanced shuffled labels, no class label used, the backbone feeds a classifier."""
+"""Rotation SSP: one rotation per image with balanced shuffled labels, no class label used, the backbone
+feeds a classifier."""
 from __future__ import annotations
 
 import json
