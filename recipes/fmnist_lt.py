@@ -15,10 +15,10 @@ Methods, each with training seeds 0, 1, 2 (the data stay fixed at seed 0), as th
                                       batch, as train_semi.py; an epoch is one pass over the union, ~6x
                                       a CE epoch)
 
-Sizing for 15 minutes on 2 CPU cores (conversion and evaluation included), chosen before any result was
-seen and not tuned on the test split (except the batch size, below): ResNet-32 at a quarter of its width (4/8/16 channels; about 1,300
-training images/s on 2 cores at 28 px), n_max 500 instead of 1,000 (half the images per epoch; the
-self-training epochs dominate the cost), 12 epochs with the CIFAR schedule scaled to that length
+Sized for about 15 minutes on 2 idle CPU cores (conversion and evaluation included), chosen before any
+result was seen and not tuned on the test split (except the batch size, below): ResNet-32 at a quarter of
+its width (4/8/16 channels; about 800 training images/s in the engine on 2 cores at batch 32), n_max 500
+instead of 1,000 (half the images per epoch; the self-training epochs dominate the cost), 12 epochs with the CIFAR schedule scaled to that length
 (200 -> 12 epochs: lr x0.01 at 9.6 = 80%, x0.0001 at 10.8 = 90%; warm-up 1 epoch, the 5-epoch warm-up's
 0.3 rounded up to a whole epoch), evaluation every 3 epochs (and the last). Batch sizes are the paper's / 4
 (32 for CE and rotation, 64 for the joint stage; lr 0.1 unchanged, as train_semi.py keeps lr 0.1 at twice
