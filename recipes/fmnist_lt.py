@@ -19,8 +19,9 @@ Sized for about 15 minutes on 2 idle CPU cores (conversion and evaluation includ
 result was seen and not tuned on the test split (except the batch size, below): ResNet-32 at a quarter of
 its width (4/8/16 channels; about 800 training images/s in the engine on 2 cores at batch 32), n_max 500
 instead of 1,000 (half the images per epoch; the self-training epochs dominate the cost), 12 epochs with
-the CIFAR schedule scaled to that length (200 -> 12 epochs: lr x0.01 at 9.6 = 80%, x0.0001 at 10.8 = 90%; warm-up 1 epoch, the 5-epoch warm-up's
-0.3 rounded up to a whole epoch), evaluation every 3 epochs (and the last). Batch sizes are the paper's / 4
+the CIFAR schedule scaled to that length (200 -> 12 epochs: lr x0.01 at 9.6 = 80%, x0.0001 at 10.8 = 90%;
+warm-up 1 epoch, the 5-epoch warm-up's 0.3 rounded up to a whole epoch), evaluation every 3 epochs (and
+the last). The whole demo takes about 15-16 minutes on 2 idle cores (README). Batch sizes are the paper's / 4
 (32 for CE and rotation, 64 for the joint stage; lr 0.1 unchanged, as train_semi.py keeps lr 0.1 at twice
 the batch): at 1,236 labeled images, batch 128 gives 9 steps per epoch, 108 in all, and a first try
 (stopped after the CE run of seed 0) left CE under-trained (31% test top-1 after 9 of 12 epochs,
