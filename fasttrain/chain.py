@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from .config import Config, add_config_args, resolve
 @dataclass
 class Stage:
     """One step of a recipe. `kind` is "train" (an Engine run) or "pseudo_label" (label the unlabeled pool
-    with the model of the run `source`). Strings may name the chain's directory as `{root}`, e.g.
-    `"pretrained": "{root}/ssp/backbone.pt"`."""
+    with the model of the run `source` and write STAGE/data: labeled + pseudo-labeled, see
+    fasttrain/pseudo_label.py). `data`, when set, is the stage's dataset (it wins over --data), e.g. the
+    joint stage's `"{root}/pseudo/data"`. Strings may name the chain's directory as `{root}` and the chain's
+    --data as `{data}`, e.g. `"pretrained": "{root}/ssp/backbone.pt"`."""
     name: str
     preset: dict = field(default_factory=dict)
     kind: str = "train"
     source: str = ""
+    data: str = ""
 
 
 def parser(description: str, defaults=None, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -83,27 +87,41 @@ def run_chain(stages: list[Stage], description: str, argv=None) -> str:
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; this recipe has {[s.name for s in stages]}")
 
+    chain_data = args.data
+
+    def stage_config(stage: Stage) -> Config:
+        names = dict(root=root, data=chain_data)
+        preset = {k: (v.format(**names) if isinstance(v, str) else v) for k, v in stage.preset.items()}
+        args.out, args.data = str(root / stage.name), stage.data.format(**names) if stage.data else chain_data
+        return resolve(args, preset).update(per_stage.get(stage.name, {}), source=f"--set {stage.name}.*")
+
     for stage in stages:  # every chosen stage's config is checked before the first stage starts
         if stage.name in chosen:
-            args.out = str(root / stage.name)
-            preset = {k: (v.format(root=root) if isinstance(v, str) else v) for k, v in stage.preset.items()}
-            resolve(args, preset).update(per_stage.get(stage.name, {}), source=f"--set {stage.name}.*").validate()
+            stage_config(stage).validate()
 
     status, accelerator = "done", None
     for stage in stages:
         if stage.name not in chosen:
             continue
         stage_dir = root / stage.name
-        preset = {k: (v.format(root=root) if isinstance(v, str) else v) for k, v in stage.preset.items()}
-        args.out = str(stage_dir)
-        cfg = resolve(args, preset).update(per_stage.get(stage.name, {}), source=f"--set {stage.name}.*")
+        names = dict(root=root, data=chain_data)
+        cfg = stage_config(stage)
         if stage.kind == "pseudo_label":
             accelerator = _accelerator(cfg)
-            if not (stage_dir / "pseudo_labels.npz").exists():
-                from .methods.self_training import pseudo_label
-                pseudo_label(Path(stage.source.format(root=root)), Path(cfg.data), stage_dir, loader=cfg.loader,
-                             batch_size=cfg.batch_size, threshold=cfg.pseudo_threshold, accelerator=accelerator,
-                             workers=cfg.workers)
+            if (stage_dir / "data" / "manifest.json").exists():
+                _print(f"stage {stage.name}: already done ({stage_dir})")
+                continue
+            from .pseudo_label import pseudo_label, write_pseudo_dataset
+            _print(f"stage {stage.name} -> {stage_dir}")
+            t0 = time.perf_counter()
+            table = pseudo_label(Path(stage.source.format(**names)), Path(cfg.data), stage_dir, loader=cfg.loader,
+                                 batch_size=cfg.batch_size, threshold=cfg.pseudo_threshold, accelerator=accelerator,
+                                 workers=cfg.workers)
+            if accelerator.is_main_process:
+                write_pseudo_dataset(cfg.data, table, stage_dir / "data", threshold=cfg.pseudo_threshold,
+                                     workers=cfg.workers or None)
+            accelerator.wait_for_everyone()
+            _print(f"stage {stage.name}: {time.perf_counter() - t0:.0f} s")
             continue
         if (stage_dir / "DONE").exists():
             _print(f"stage {stage.name}: already done ({stage_dir})")
@@ -112,10 +130,12 @@ def run_chain(stages: list[Stage], description: str, argv=None) -> str:
             cfg = cfg.update({"resume": str(stage_dir)})
         _print(f"stage {stage.name} -> {stage_dir}")
         from .engine import Engine
+        t0 = time.perf_counter()
         engine = Engine(cfg)
         accelerator = engine.accelerator
         status = engine.fit()
         del engine
+        _print(f"stage {stage.name}: {time.perf_counter() - t0:.0f} s")
         if status == "stopped":
             _print(f"chain paused in stage {stage.name}; run the same command again to continue")
             break

@@ -38,7 +38,7 @@ class Config:
     # data and run
     data: str = opt("", "dataset directory written by data_prep.convert")
     out: str = opt("", "run directory (config.yaml, metrics, checkpoints, model.pt)")
-    method: str = opt("supervised", "what is trained", ("supervised", "crt", "rotation", "moco", "self_training"))
+    method: str = opt("supervised", "what is trained", ("supervised", "crt", "rotation", "moco"))
     loader: str = opt("ffcv", "input pipeline", ("ffcv", "dali", "torch", "device"))
     workers: int = opt(0, "loader threads/processes; 0 = this process's share of the node's cores")
     train_split: str = opt("train", "split to train on")
@@ -97,10 +97,7 @@ class Config:
     crt_freeze_bn: bool = opt(False, "cRT: freeze BN statistics too (default: they keep updating, as the paper)")
 
     # self-training (semi-supervised)
-    pseudo_labels: str = opt("", "pseudo_labels.npz written by the pseudo-label stage")
-    pseudo_weight: float = opt(1.0, "weight of the pseudo-labeled loss")
-    pseudo_share: float = opt(0.5, "share of each batch taken from the pseudo-labeled pool")
-    pseudo_threshold: float = opt(0.0, "keep pseudo-labels with confidence >= this")
+    pseudo_threshold: float = opt(0.0, "pseudo-label stage: keep pool samples with confidence >= this (0 = all)")
 
     # self-supervised pre-training
     moco_dim: int = opt(128, "MoCo: embedding dimension")

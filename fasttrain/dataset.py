@@ -119,15 +119,22 @@ class DatasetDir:
         if name not in splits:
             raise DatasetError(f"{self.root / 'manifest.json'}: no split {name!r} (has {sorted(splits)})")
         s = splits[name]
+        root = self.root / s["root"] if "root" in s else self.root   # a split may live in another directory
 
         def path(key):
             rel = s.get(key)
-            return None if rel is None else self.root / rel
+            return None if rel is None else root / rel
 
-        return Split(name=name, root=self.root, num_samples=int(s["num_samples"]),
+        return Split(name=name, root=root, num_samples=int(s["num_samples"]),
                      class_counts=[int(c) for c in s["class_counts"]], labeled=bool(s.get("labeled", True)),
                      ffcv_path=path("ffcv"), dali_dir=path("dali"), meta_path=path("meta"),
                      true_labels_path=path("true_labels"))
+
+    def shot_counts(self, split: str = "train") -> list[int]:
+        """Per-class counts that define the many/medium/few-shot groups: the labeled counts. A
+        pseudo-labeled set's `class_counts` include its pseudo-labels; its `labeled_class_counts` do not."""
+        labeled = self.manifest["splits"].get(split, {}).get("labeled_class_counts")
+        return [int(c) for c in labeled] if labeled is not None else self.split(split).class_counts
 
     def eval_split(self) -> str:
         """The split to evaluate on: `test` (balanced) when present, else `val`."""

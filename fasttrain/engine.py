@@ -1,4 +1,4 @@
-"""The training engine: one loop for every method (supervised, cRT, rotation, MoCo, self-training).
+"""The training engine: one loop for every method (supervised, cRT, rotation, MoCo).
 
     engine = Engine(cfg)       # accelerator, data, method, model, optimiser, loaders
     status = engine.fit()      # "done" | "stopped" (after --stop-after-epochs)
@@ -193,7 +193,7 @@ class Engine:
                 self.state["step"] += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            images += self.per_process_batch  # every image of the step (self-training: labeled + pseudo)
+            images += self.per_process_batch
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
                 loss_so_far = (sums['loss'] / (i + 1)).item()
                 bar.set_postfix(loss=f"{loss_so_far:.4f}", lr=f"{lr:.4g}")
@@ -225,7 +225,7 @@ class Engine:
         split = split or self.eval_split
         loader = self.eval_loader if split == self.eval_split else self.build_loader(
             split, views=self.method.views(train=False), train=False)
-        counts = self.dataset.split(self.cfg.train_split).class_counts
+        counts = self.dataset.shot_counts(self.cfg.train_split)  # labeled counts (self-training)
         metrics, confusion = evaluate(self.accelerator.unwrap_model(self.model), loader,
                                       self.dataset.num_classes, counts, self.accelerator,
                                       many=self.cfg.many_threshold, few=self.cfg.few_threshold)
@@ -371,7 +371,7 @@ class Engine:
                         "num_classes": self.method.num_outputs(), "in_channels": self.dataset.channels,
                         "method": self.cfg.method, "state_dict": model.state_dict()}, self.run_dir / "model.pt")
             if final is not None:
-                counts = self.dataset.split(self.cfg.train_split).class_counts
+                counts = self.dataset.shot_counts(self.cfg.train_split)  # labeled counts (self-training)
                 report = write_report(self.run_dir, final, confusion, counts, self.dataset.class_names, best=best,
                                       epochs=self.cfg.epochs)
                 tqdm.write(results_table(report))

@@ -49,3 +49,6 @@ MOCO = dict(IMAGENET_LT, color_jitter=0.0, method="moco", epochs=200, batch_size
 
 # Former names.
 IMAGENET, CRT = IMAGENET_LT, CRT_IMAGENET_LT
+
+# Self-training's joint stage (train_semi.py): the CIFAR recipe at batch 256, on labeled + pseudo-labeled data.
+SEMI = dict(CIFAR, batch_size=256)

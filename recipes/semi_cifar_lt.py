@@ -1,5 +1,9 @@
-"""Semi-supervised self-training on CIFAR-LT with an unlabeled pool (converted with --unlabeled-file):
-base model on the labeled set -> pseudo-label the pool -> joint training on labeled + pseudo-labeled data.
+"""Semi-supervised self-training on CIFAR-LT with an unlabeled pool (converted with --unlabeled-file), as
+the paper's gen_pseudolabels.py + train_semi.py: base model on the labeled set -> pseudo-label the pool
+(argmax, every pool image; --pseudo-threshold keeps only confident ones) and write RUN/pseudo/data, one
+training split of labeled + pseudo-labeled images -> joint training: an ordinary supervised run on that set
+(batch 256 as train_semi.py; an epoch is one pass over the union; any loss / re-weighting / sampler, whose
+class counts are labeled + pseudo-label counts; many/medium/few groups use the labeled counts).
 
     python recipes/semi_cifar_lt.py --data DATA --out RUN [--loss ldam --head cosine --reweight drw]
 """
@@ -7,14 +11,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from presets import CIFAR  # noqa: E402
+from presets import CIFAR, SEMI  # noqa: E402
 
 from fasttrain.chain import Stage, run_chain  # noqa: E402
 
 STAGES = [
     Stage("base", CIFAR),
     Stage("pseudo", CIFAR, kind="pseudo_label", source="{root}/base"),
-    Stage("joint", dict(CIFAR, method="self_training", pseudo_labels="{root}/pseudo/pseudo_labels.npz")),
+    Stage("joint", SEMI, data="{root}/pseudo/data"),
 ]
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasttrain.methods.self_training import pseudo_label
+from fasttrain.pseudo_label import pseudo_label
 from fasttrain.models import build_model, load_pretrained
 
 from conftest import fit

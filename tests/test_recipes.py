@@ -15,7 +15,7 @@ from conftest import launch_two_processes
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "16", "--warmup-epochs", "0", "--milestones", "",
         "--workers", "1"]
-STAGES = ("ce", "rotation", "ce_rotation_ssp", "ce_self_training")
+STAGES = ("ce_s0", "rotation_s0", "ce_rotation_ssp_s0", "self_training_u1_s0", "self_training_u100_s0")
 
 
 def python(*args, timeout=600):
@@ -24,40 +24,47 @@ def python(*args, timeout=600):
     return result
 
 
-def check_chain(out: Path):
+def check_chain(out: Path, data: Path):
     for stage in STAGES:
         assert (out / stage / "DONE").exists(), stage
-    assert (out / "pseudo" / "pseudo_labels.npz").exists()
-    ssp = yaml.safe_load((out / "ce_rotation_ssp" / "config.yaml").read_text())
-    assert ssp["pretrained"] == str(out / "rotation" / "backbone.pt")
-    joint = yaml.safe_load((out / "ce_self_training" / "config.yaml").read_text())
-    assert joint["method"] == "self_training" and joint["pseudo_labels"].endswith("pseudo/pseudo_labels.npz")
+    for pool in ("u1", "u100"):
+        assert (out / f"pseudo_{pool}_s0" / "pseudo_labels.npz").exists()
+        assert (out / f"pseudo_{pool}_s0" / "data" / "manifest.json").exists()
+    ssp = yaml.safe_load((out / "ce_rotation_ssp_s0" / "config.yaml").read_text())
+    assert ssp["pretrained"] == str(out / "rotation_s0" / "backbone.pt")
+    joint = yaml.safe_load((out / "self_training_u1_s0" / "config.yaml").read_text())
+    assert joint["method"] == "supervised" and joint["data"] == str(out / "pseudo_u1_s0" / "data")
+    assert yaml.safe_load((out / "ce_s0" / "config.yaml").read_text())["data"] == str(data)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["CE", "CE + rotation SSP", "CE + self-training (rho_U 1)",
+                                                      "CE + self-training (rho_U 100)"]
+    assert results["seeds"] == [0]
     table = (out / "results.md").read_text()
-    assert all(row in table for row in ("| CE |", "| CE + rotation SSP |", "| CE + self-training |"))
-    assert (out / "per_class.png").stat().st_size > 0
+    assert "| CE + self-training (rho_U 1) |" in table and "rho_U 100:" in table   # + pseudo-label analysis
+    assert (out / "per_class.png").stat().st_size > 0 and (out / "groups.png").stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_fmnist_chain_one_process(tiny_raw, tmp_path):
     out = tmp_path / "chain"
-    r = python("recipes/fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", *TINY)
+    r = python("recipes/fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", "--seeds", "0", *TINY)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    check_chain(out)
+    check_chain(out, tiny_raw)
     # running it again finds every stage done and only prints the table
-    again = python("recipes/fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", *TINY)
-    assert again.returncode == 0 and again.stdout.count("already done") == 4
+    again = python("recipes/fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", "--seeds", "0", *TINY)
+    assert again.returncode == 0 and again.stdout.count("already done") == 7
 
 
 @pytest.mark.slow
 def test_fmnist_chain_two_processes(tiny_raw, tmp_path):
     out = tmp_path / "chain2"
     result = launch_two_processes(ROOT / "recipes" / "fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1",
-                                  *TINY)
+                                  "--seeds", "0", *TINY)
     log = result.stdout + result.stderr
     # really distributed: one synchronised run of two ranks (not two independent single-process runs)
-    assert log.count("2 process(es)") == 4 and "1 process(es)" not in log
-    assert log.count("stage ce ->") == 1
-    check_chain(out)
+    assert log.count("2 process(es)") == 5 and "1 process(es)" not in log
+    assert log.count("stage ce_s0 ->") == 1
+    check_chain(out, tiny_raw)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Rotation SSP: the four rotations and their labels, no class label used, the backbone feeds a classifier."""
+"""Rotation SSP: one rotation per image with balanced shuffled labels, no class label used, the backbone
+feeds a classifier."""
 from __future__ import annotations
 
 import json
@@ -17,18 +18,27 @@ def fit(data, out, **overrides):
     assert conftest.fit(data, out, **overrides) == "done"
 
 
-def test_four_rotations_equal_rot90_with_labels_in_order():
+def test_torch_rot90_turns_counter_clockwise():
     image = torch.tensor([[1., 2.], [3., 4.]]).view(1, 1, 2, 2)
-    rotated, labels = rotations(image)
-    # torch.rot90 turns counter-clockwise: k=1 puts the top-right pixel at the top-left
-    assert rotated[:, 0].tolist() == [[[1, 2], [3, 4]], [[2, 4], [1, 3]], [[4, 3], [2, 1]], [[3, 1], [4, 2]]]
-    assert labels.tolist() == [0, 1, 2, 3]
+    # k=1 puts the top-right pixel at the top-left, as the labels of `rotations` count quarter turns
+    assert [torch.rot90(image, k, dims=(2, 3))[0, 0].tolist() for k in range(4)] == \
+        [[[1, 2], [3, 4]], [[2, 4], [1, 3]], [[4, 3], [2, 1]], [[3, 1], [4, 2]]]
 
-    x = torch.randn(3, 2, 5, 5)
-    rotated, labels = rotations(x)
-    assert rotated.shape == (12, 2, 5, 5) and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
-    for k in range(4):
-        assert torch.equal(rotated[3 * k:3 * k + 3], torch.rot90(x, k, dims=(2, 3)))
+
+@pytest.mark.parametrize("n", [128, 10, 3])
+def test_one_rotation_per_image_with_balanced_shuffled_labels(n):
+    x = torch.randn(n, 2, 5, 5)
+    rotated, labels = rotations(x, torch.Generator().manual_seed(n))
+    assert rotated.shape == x.shape and labels.shape == (n,) and labels.dtype == torch.long
+    counts = torch.bincount(labels, minlength=4)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == n      # balanced: arange(4) repeated to n
+    for i in range(n):                                                 # each image once, in place, by its label
+        assert torch.equal(rotated[i], torch.rot90(x[i], int(labels[i]), dims=(1, 2))), i
+    if n >= 8:                                                         # shuffled, and a fresh draw each step
+        assert not torch.equal(labels, labels.sort().values)
+        assert not torch.equal(labels, rotations(x, torch.Generator().manual_seed(n + 1))[1])
+    again = rotations(x, torch.Generator().manual_seed(n))
+    assert torch.equal(again[0], rotated) and torch.equal(again[1], labels)
 
 
 def test_rotations_keep_channels_last_and_need_square_images():
@@ -44,8 +54,12 @@ def test_loss_is_4_way_and_ignores_class_labels(tiny_raw):
     model = method.build_model()
     assert isinstance(model.fc, torch.nn.Linear)              # the thrown-away rotation head is always linear
     images = torch.randn(8, 3, 16, 16)
-    loss_a, logs = method.loss(model, Batch((images,), torch.full((8,), -1), torch.arange(8)), 0)
-    loss_b, _ = method.loss(model, Batch((images,), torch.randint(0, 4, (8,)), torch.arange(8)), 0)
+    unlabeled, labeled = (Batch((images,), labels, torch.arange(8)) for labels in
+                          (torch.full((8,), -1), torch.randint(0, 4, (8,))))
+    torch.manual_seed(0)
+    loss_a, logs = method.loss(model, unlabeled, 0)
+    torch.manual_seed(0)                                     # the same rotations: the class labels change nothing
+    loss_b, _ = method.loss(model, labeled, 0)
     assert torch.equal(loss_a, loss_b) and set(logs) == {"loss", "rotation_acc"}
     assert 0 <= logs["rotation_acc"] <= 1
     loss_a.backward()

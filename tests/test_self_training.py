@@ -1,5 +1,7 @@
-"""Self-training: pseudo-labels come from the base model only, the joint batch and loss, clear errors,
-and the whole base -> pseudo-label -> joint chain with several losses, samplers and loaders."""
+"""Self-training as data: pseudo-labels come from the base model only; the derived dataset is labeled +
+pseudo-labeled as ONE split (complete only with its manifest, threshold only when asked); the joint stage
+is an ordinary supervised run whose epoch visits every sample once, whose loss is one batch mean, whose
+re-weighting counts include the pseudo-labels and whose shot groups keep the labeled counts."""
 from __future__ import annotations
 
 import json
@@ -9,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import TINY_RUN, fit, launch_two_processes, reset_accelerate
+from conftest import TINY_RUN, TRAIN_COUNTS, fit, launch_two_processes
 from fasttrain.config import Config
 from fasttrain.data import augment, build_loader
 from fasttrain.dataset import DatasetDir, DatasetError, Split
 from fasttrain.engine import Engine
-from fasttrain.methods.self_training import load_classifier, pseudo_label
+from fasttrain.losses import class_balanced_weights, ldam_margins
+from fasttrain.pseudo_label import load_classifier, pseudo_label, write_pseudo_dataset
 
 HERE = Path(__file__).parent
-def engine_for(data, pseudo, **overrides):
-    return Engine(Config(data=str(data), out="unused").update(
-        TINY_RUN | {"method": "self_training", "pseudo_labels": str(pseudo)} | overrides))
+POOL = 160
 
 
 def write_table(path, data, label, confidence=None, threshold=0.0):
@@ -32,11 +34,28 @@ def write_table(path, data, label, confidence=None, threshold=0.0):
     return path
 
 
+def made_up_labels(data):
+    """Pseudo-labels that are neither -1 nor the pool's true labels, and skewed: class 3 gets most."""
+    source = DatasetDir(data).split("unlabeled").source_index
+    return np.where(source % 5 == 0, (source // 5) % 3, 3)
+
+
 @pytest.fixture(scope="module")
 def base_run(tiny_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "ce"
     assert fit(tiny_raw, out, epochs=2) == "done"
     return out
+
+
+@pytest.fixture(scope="module")
+def joint_data(tiny_raw, tmp_path_factory):
+    """tiny_raw's labeled set + its whole pool with made-up pseudo-labels."""
+    tmp = tmp_path_factory.mktemp("joint")
+    table = write_table(tmp / "pseudo_labels.npz", tiny_raw, made_up_labels(tiny_raw))
+    return write_pseudo_dataset(tiny_raw, table, tmp / "data", workers=1)
+
+
+# ---------------------------------------------------------------- pseudo-labels
 
 
 def test_pseudo_labels_are_the_models_argmax(tiny_raw, base_run, tmp_path):
@@ -69,6 +88,9 @@ def test_true_labels_of_the_pool_are_never_read(tiny_raw, base_run, tmp_path, mo
     deleted = np.load(pseudo_label(base_run, data, tmp_path / "deleted", workers=1))
     for key in ("position", "source_index", "label", "confidence"):
         assert np.array_equal(reference[key], scrambled[key]) and np.array_equal(reference[key], deleted[key])
+    joint = DatasetDir(write_pseudo_dataset(data, tmp_path / "deleted" / "pseudo_labels.npz", tmp_path / "j",
+                                            workers=1))
+    assert np.array_equal(joint.split("train").labels[-POOL:], deleted["label"])
 
 
 def test_pseudo_label_errors(tiny_raw, base_run, tmp_path):
@@ -87,87 +109,148 @@ def test_pseudo_label_errors(tiny_raw, base_run, tmp_path):
         pseudo_label(ssp, tiny_raw, tmp_path / "out", workers=1)
 
 
-def test_joint_batch_takes_pseudo_labels_from_the_table(tiny_raw, tmp_path):
-    split = DatasetDir(tiny_raw).split("unlabeled")
-    n = split.num_samples
-    label = (split.source_index * 7 + 1) % 4                    # made up: neither -1 nor the true labels
-    confidence = np.linspace(0, 1, n)
-    table = write_table(tmp_path / "p.npz", tiny_raw, label, confidence)
-    engine = engine_for(tiny_raw, table, pseudo_share=0.25, pseudo_threshold=0.5, pseudo_weight=0.3)
-    method, batch = engine.method, next(iter(engine.train_loader))
-    assert len(batch) == 12                                     # 16 x (1 - 0.25) labeled + 4 pseudo-labeled
-    calls, real_criterion, real_next = [], method.criterion, method.next_pseudo_batch
-    method.criterion = lambda logits, targets, epoch: calls.append(targets) or real_criterion(logits, targets, epoch)
-    pseudo = []
-    method.next_pseudo_batch = lambda epoch: pseudo.append(real_next(epoch)) or pseudo[-1]
-    loss, logs = method.loss(engine.model, batch, 0)
-    (labeled_targets, pseudo_targets), (drawn,) = calls, pseudo
-    assert torch.equal(labeled_targets, batch.labels) and len(pseudo_targets) == 4
-    assert (drawn.labels == -1).all()                           # the pool's file labels...
-    by_source = dict(zip(split.source_index.tolist(), label.tolist()))
-    assert pseudo_targets.tolist() == [by_source[i] for i in drawn.indices.tolist()]   # ...are not used
-    assert torch.allclose(loss, logs["loss_labeled"] + 0.3 * logs["loss_pseudo"])
-    kept = set(split.source_index[confidence >= 0.5].tolist())
-    method.pseudo_loader.set_epoch(0)
-    assert {i for b in method.pseudo_loader for i in b.indices.tolist()} <= kept
+# ---------------------------------------------------------------- the derived dataset
 
 
-def test_pseudo_stream_cycles_with_new_epochs_and_is_deterministic(tiny_raw, tmp_path):
-    table = write_table(tmp_path / "p.npz", tiny_raw, np.zeros(160, int))
-    engine = engine_for(tiny_raw, table, epochs=10)
-    method, epochs = engine.method, []
-    real_set_epoch = method.pseudo_loader.set_epoch
-    method.pseudo_loader.set_epoch = lambda e: epochs.append(e) or real_set_epoch(e)
-    per_pass = len(method.pseudo_loader)
-    first = [method.next_pseudo_batch(3).indices for _ in range(2 * per_pass + 1)]
-    assert epochs == [3, 13, 23]                                # pass p of epoch 3: loader epoch 3 + p * 10
-    method.next_pseudo_batch(4)
-    assert epochs[-1] == 4
-    again = [method.next_pseudo_batch(3).indices for _ in range(2 * per_pass + 1)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+def test_derived_train_split_is_labeled_plus_every_pool_sample(tiny_raw, joint_data):
+    base, joint = DatasetDir(tiny_raw), DatasetDir(joint_data)
+    labeled, pool, train = base.split("train"), base.split("unlabeled"), joint.split("train")
+    pseudo = made_up_labels(tiny_raw)
+    assert set(joint.manifest["splits"]) == {"train", "test"}   # the pool is used up: no unlabeled split
+    assert train.num_samples == labeled.num_samples + POOL
+    assert np.array_equal(train.source_index, np.concatenate([labeled.source_index, pool.source_index]))
+    assert np.array_equal(train.labels, np.concatenate([labeled.labels, pseudo]))
+    joint_counts = np.asarray(TRAIN_COUNTS) + np.bincount(pseudo, minlength=4)
+    assert train.class_counts == joint_counts.tolist() and joint.shot_counts() == TRAIN_COUNTS
+    counts = joint.manifest["pseudo_labeled"]["counts"]
+    assert (counts["labeled"], counts["pool"], counts["pseudo"], counts["joint"]) == (90, POOL, POOL, 90 + POOL)
+    assert counts["pseudo_per_class"] == np.bincount(pseudo, minlength=4).tolist()
+    provenance = joint.manifest["pseudo_labeled"]
+    assert provenance["base_dataset"] == str(Path(tiny_raw).resolve())
+    assert provenance["base_manifest_sha256"].startswith("sha256:") and provenance["threshold"] == 0.0
+    assert joint.image == base.image                           # the base set's normalisation
+    # test is the base's split, referenced (not copied)
+    assert joint.split("test").ffcv_path.resolve() == base.split("test").ffcv_path.resolve()
+    assert not (Path(joint_data) / "test.beton").exists()
+    assert np.array_equal(joint.split("test").labels, base.split("test").labels)
+    # the pixels are the base set's: same image for the same source index, in both formats
+    views = [augment.small_eval()]
+    for kind in ("ffcv", "dali"):
+        got = {int(i): x for b in build_loader(joint, "train", kind=kind, batch_size=50, views=views, train=False,
+                                               workers=1) for i, x in zip(b.indices, b.images)}
+        want = {int(i): x for split in ("train", "unlabeled") for b in build_loader(
+            base, split, kind=kind, batch_size=50, views=views, train=False, workers=1)
+            for i, x in zip(b.indices, b.images)}
+        assert got.keys() == want.keys() and all(torch.equal(got[i], want[i]) for i in got), kind
 
 
-def test_stopped_and_resumed_run_equals_uninterrupted(tiny_raw, tmp_path):
-    table = write_table(tmp_path / "p.npz", tiny_raw, np.arange(160) % 4)
-    run = dict(method="self_training", pseudo_labels=str(table), epochs=3)
-    assert fit(tiny_raw, tmp_path / "full", **run) == "done"
-    assert fit(tiny_raw, tmp_path / "part", stop_after_epochs=1, **run) == "stopped"
-    assert fit(tiny_raw, tmp_path / "part", resume=str(tmp_path / "part"), **run) == "done"
-    full, part = (torch.load(tmp_path / r / "model.pt", weights_only=True)["state_dict"] for r in ("full", "part"))
-    assert all(torch.equal(full[k], part[k]) for k in full)
+def test_threshold_keeps_only_confident_samples(tiny_raw, tmp_path):
+    pool = DatasetDir(tiny_raw).split("unlabeled")
+    confidence = np.random.default_rng(0).random(POOL)
+    table = write_table(tmp_path / "p.npz", tiny_raw, made_up_labels(tiny_raw), confidence)
+    joint = DatasetDir(write_pseudo_dataset(tiny_raw, table, tmp_path / "data", threshold=0.6, workers=1))
+    kept = pool.source_index[confidence >= 0.6]
+    assert 0 < len(kept) < POOL
+    train = joint.split("train")
+    assert np.array_equal(train.source_index[90:], kept)
+    assert joint.manifest["pseudo_labeled"]["counts"]["pseudo"] == len(kept)
+    assert joint.manifest["pseudo_labeled"]["threshold"] == 0.6
+    with pytest.raises(ValueError, match="no pseudo-label has confidence"):
+        write_pseudo_dataset(tiny_raw, table, tmp_path / "none", threshold=1.5, workers=1)
 
 
-def test_self_training_errors(tiny_raw, tmp_path):
-    with pytest.raises(ValueError, match="needs --pseudo-labels"):
-        engine_for(tiny_raw, "")
-    reset_accelerate()
+def test_derived_directory_is_complete_only_with_its_manifest(tiny_raw, tmp_path, monkeypatch):
+    table = write_table(tmp_path / "p.npz", tiny_raw, made_up_labels(tiny_raw))
+    import data_prep.convert
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(data_prep.convert, "_checksums", crash)   # after the data files, before the manifest
+    with pytest.raises(KeyboardInterrupt):
+        write_pseudo_dataset(tiny_raw, table, tmp_path / "data", workers=1)
+    assert list(tmp_path.iterdir()) == [tmp_path / "p.npz"]       # no `data`, no temporary left behind
+    monkeypatch.undo()
+    (tmp_path / "data").mkdir()                                    # an empty leftover is replaced
+    out = write_pseudo_dataset(tiny_raw, table, tmp_path / "data", workers=1)
+    assert (out / "manifest.json").exists() and DatasetDir(out).split("train").num_samples == 90 + POOL
+    with pytest.raises(FileExistsError, match="already holds"):
+        write_pseudo_dataset(tiny_raw, table, tmp_path / "data", workers=1)
+    (out / "manifest.json").unlink()
+    with pytest.raises(DatasetError, match="manifest.json is missing"):
+        DatasetDir(out)
+
+
+def test_pseudo_label_table_must_match_the_pool(tiny_raw, tmp_path):
     short = tmp_path / "short.npz"
     np.savez(short, position=np.arange(5), source_index=np.arange(5), label=np.zeros(5, int),
              confidence=np.ones(5), threshold=np.float32(0))
     with pytest.raises(DatasetError, match="do not match the 160 samples"):
-        engine_for(tiny_raw, short)
-    reset_accelerate()
+        write_pseudo_dataset(tiny_raw, short, tmp_path / "a", workers=1)
     with pytest.raises(DatasetError, match="labels outside"):
-        engine_for(tiny_raw, write_table(tmp_path / "bad.npz", tiny_raw, np.full(160, 4)))
-    reset_accelerate()
-    with pytest.raises(ValueError, match="too few"):
-        engine_for(tiny_raw, write_table(tmp_path / "p.npz", tiny_raw, np.zeros(160, int), np.zeros(160)),
-                   pseudo_threshold=0.5)
-    reset_accelerate()
-    with pytest.raises(ValueError, match="both parts"):
-        engine_for(tiny_raw, tmp_path / "p.npz", pseudo_share=0.0)
+        write_pseudo_dataset(tiny_raw, write_table(tmp_path / "bad.npz", tiny_raw, np.full(POOL, 4)),
+                             tmp_path / "b", workers=1)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(loss="ce", sampler="uniform", loader="ffcv"),
-    dict(loss="ldam", head="cosine", reweight="drw", drw_epoch=1, sampler="balanced", loader="torch", epochs=2),
-])
-def test_base_pseudo_label_joint_chain(tiny_raw, base_run, tmp_path, overrides):
-    table = pseudo_label(base_run, tiny_raw, tmp_path / "pseudo", loader=overrides["loader"], workers=1)
-    assert fit(tiny_raw, tmp_path / "joint", method="self_training", pseudo_labels=str(table), **overrides) == "done"
-    logs = [json.loads(line) for line in (tmp_path / "joint" / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite([r["loss"], r["loss_labeled"], r["loss_pseudo"]]).all() for r in logs)
-    assert json.loads((tmp_path / "joint" / "metrics.json").read_text())["num_eval_images"] == 64
+# ---------------------------------------------------------------- the joint stage: a supervised run
+
+
+@pytest.mark.parametrize("loader", ["device", "torch", "ffcv", "dali"])
+def test_joint_epoch_visits_every_labeled_and_pool_sample_once(tiny_raw, joint_data, loader):
+    engine = Engine(Config(data=str(joint_data), out="unused").update(TINY_RUN | dict(loader=loader, batch_size=50)))
+    seen, real_loss = [], engine.method.loss
+    engine.method.loss = lambda model, batch, epoch: seen.append(batch) or real_loss(model, batch, epoch)
+    engine.train_epoch(0)
+    base = DatasetDir(tiny_raw)
+    want = dict(zip(base.split("train").source_index.tolist(), base.split("train").labels.tolist()))
+    want |= dict(zip(base.split("unlabeled").source_index.tolist(), made_up_labels(tiny_raw).tolist()))
+    assert [len(b) for b in seen] == [50] * 5                  # 250 samples, one pass, one stream of batches
+    indices = torch.cat([b.indices for b in seen]).tolist()
+    assert sorted(indices) == sorted(want)                     # every labeled and every pool sample, once
+    assert torch.cat([b.labels for b in seen]).tolist() == [want[i] for i in indices]
+    assert indices != sorted(indices)                          # shuffled: labeled and pool samples mixed
+    assert any((b.indices < 10_000).any() and (b.indices >= 10_000).any() for b in seen)
+
+
+def test_joint_loss_is_the_plain_batch_mean(joint_data):
+    engine = Engine(Config(data=str(joint_data), out="unused").update(TINY_RUN | dict(batch_size=50)))
+    batch = next(iter(engine.train_loader))
+    loss, logs = engine.method.loss(engine.model, batch, 0)
+    assert set(logs) == {"loss"}
+    torch.testing.assert_close(loss, F.cross_entropy(engine.model(batch.images), batch.labels))
+
+
+def test_reweighting_counts_include_pseudo_labels_and_shot_groups_use_labeled_counts(joint_data, tmp_path):
+    joint = DatasetDir(joint_data)
+    counts = joint.split("train").class_counts
+    assert counts != TRAIN_COUNTS
+    engine = Engine(Config(data=str(joint_data), out=str(tmp_path / "ldam")).update(
+        TINY_RUN | dict(loss="ldam", head="cosine", reweight="cb", batch_size=50)))
+    criterion = engine.method.criterion
+    torch.testing.assert_close(criterion.loss.margins.flatten(), ldam_margins(counts).flatten())
+    torch.testing.assert_close(criterion.loss.weight, class_balanced_weights(counts).to(criterion.loss.weight))
+    assert engine.fit() == "done"
+    metrics = json.loads((tmp_path / "ldam" / "metrics.json").read_text())
+    assert metrics["train_class_counts"] == TRAIN_COUNTS       # many/medium/few by the labeled counts
+    assert metrics["num_eval_images"] == 64                    # the base set's test split
+
+
+def test_semi_chain_base_pseudo_joint(tiny_raw, tmp_path):
+    """recipes/semi_cifar_lt.py's stages on tiny data: the joint stage trains on RUN/pseudo/data."""
+    import sys
+    sys.path.insert(0, str(HERE.parent / "recipes"))
+    from semi_cifar_lt import STAGES
+
+    from fasttrain.chain import run_chain
+    args = ["--data", str(tiny_raw), "--out", str(tmp_path), "--epochs", "1", "--arch", "resnet20", "--width",
+            "0.25", "--batch-size", "25", "--warmup-epochs", "0", "--milestones", "", "--workers", "1"]
+    assert run_chain(STAGES, "semi", args) == "done"
+    joint = Config.load(tmp_path / "joint" / "config.yaml")
+    assert joint.method == "supervised" and joint.data == str(tmp_path / "pseudo" / "data")
+    table = np.load(tmp_path / "pseudo" / "pseudo_labels.npz")
+    data = DatasetDir(tmp_path / "pseudo" / "data")
+    assert np.array_equal(data.split("train").labels[90:], table["label"])
+    assert (tmp_path / "joint" / "DONE").exists()
+    assert json.loads((tmp_path / "joint" / "metrics.json").read_text())["train_class_counts"] == TRAIN_COUNTS
 
 
 @pytest.mark.slow

@@ -29,15 +29,17 @@ METHODS = [
     ("logit_adjust_bf16", dict(loss="logit_adjust", precision="bf16")),
     ("rotation", dict(method="rotation")),
     ("moco_v2", dict(method="moco", moco_queue=48, moco_shuffle_groups=2)),
-    ("self_training", dict(method="self_training", pseudo_labels="{pseudo}")),
+    ("self_training_joint", dict(data="{joint}")),   # supervised on labeled + pseudo-labeled data
     ("crt", dict(method="crt", pretrained="{backbone}", sampler="balanced")),
 ]
 
 
 @pytest.fixture(scope="module")
 def files(tiny_raw, tmp_path_factory):
-    """A random pseudo-label table (the cost of self-training does not depend on it) and a backbone file."""
+    """A random pseudo-label table and the labeled + pseudo-labeled dataset made from it (the cost of
+    self-training does not depend on the labels), and a backbone file."""
     from fasttrain.models import build_model
+    from fasttrain.pseudo_label import write_pseudo_dataset
     from fasttrain.models.checkpoint import save_backbone
     root = tmp_path_factory.mktemp("sync")
     split = DatasetDir(tiny_raw).split("unlabeled")
@@ -46,7 +48,8 @@ def files(tiny_raw, tmp_path_factory):
              label=rng.integers(0, 4, split.num_samples), confidence=np.ones(split.num_samples, np.float32),
              threshold=np.float32(0))
     save_backbone(build_model("resnet20", 4, width=0.5), root / "backbone.pt")
-    return {"pseudo": str(root / "pseudo.npz"), "backbone": str(root / "backbone.pt")}
+    joint = write_pseudo_dataset(tiny_raw, root / "pseudo.npz", root / "joint", workers=1)
+    return {"pseudo": str(root / "pseudo.npz"), "backbone": str(root / "backbone.pt"), "joint": str(joint)}
 
 
 def epoch_events(engine: Engine, epoch: int) -> dict:

@@ -7,9 +7,8 @@ from .base import Method
 def method_class(name: str) -> type[Method]:
     from .moco import MoCo
     from .rotation import Rotation
-    from .self_training import SelfTraining
     from .supervised import ClassifierRetraining, Supervised
-    registry = {m.name: m for m in (Supervised, ClassifierRetraining, Rotation, MoCo, SelfTraining)}
+    registry = {m.name: m for m in (Supervised, ClassifierRetraining, Rotation, MoCo)}
     if name not in registry:
         raise ValueError(f"unknown method {name!r}; valid methods: {sorted(registry)}")
     return registry[name]

@@ -1,9 +1,13 @@
 """Rotation prediction (Gidaris et al., ICLR 2018), the self-supervised pre-training (SSP) that Yang & Xu
-2020 use on CIFAR-10/100-LT, SVHN-LT: a 4-way classifier of the rotation (0, 90, 180, 270 degrees) of
-every image, no class label used. The backbone (`backbone.pt`) then initialises a supervised run
+2020 use on CIFAR-10/100-LT, SVHN-LT: a 4-way classifier of the rotation (0, 90, 180, 270 degrees) of an
+image, no class label used. The backbone (`backbone.pt`) then initialises a supervised run
 (`--pretrained RUN/backbone.pt`, the head re-initialised).
 
-Each batch is turned into its four rotations on the device (4N images per step), as in Gidaris et al.
+As the paper's `utils.rotation()`, each image of a batch gets ONE rotation and the batch's rotation labels
+are a shuffled balanced list of 0..3 (N images per step). The paper permutes 4 * (N // 4 + 1) labels and
+keeps the first N, so its per-batch counts are only close to balanced; here the N labels are exactly
+balanced (counts differ by at most one when 4 does not divide N). The shuffle is drawn on the device and
+the shapes depend only on N: no host synchronisation in a step.
 Defaults (imbalanced-semi-self `pretrain_rot.py`): ResNet-32, SGD lr 0.1, momentum 0.9, wd 2e-4, batch 128,
 200 epochs, 5 warm-up epochs, step decay from epoch 160 (recipes/presets.py: ROTATION).
 """
@@ -17,15 +21,22 @@ from ..models import build_model
 from .base import Method
 
 
-def rotations(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C, H, W) -> the 4N images [rot0(all), rot90(all), rot180(all), rot270(all)] and their labels
-    (0..3, k = counter-clockwise quarter turns, `torch.rot90(x, k, dims=(2, 3))`)."""
+def rotations(images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) -> (the N images, image i turned by labels[i] counter-clockwise quarter turns as
+    `torch.rot90(x, k, dims=(2, 3))`, labels): labels are `arange(4)` repeated to N, in a random order
+    (a permutation drawn on the images' device). Image i stays at position i."""
     n, _, h, w = images.shape
     if h != w:
         raise ValueError(f"rotation prediction needs square images (rotated copies are batched), got {h}x{w}")
     layout = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)]).contiguous(memory_format=layout)
-    labels = torch.arange(4, device=images.device).repeat_interleave(n)
+    perm = torch.randperm(n, device=images.device, generator=generator)
+    shuffled = images[perm]
+    bounds = [k * n // 4 for k in range(5)]            # quarter-blocks of the permuted batch; host-known sizes
+    turned = torch.cat([torch.rot90(shuffled[a:b], k, dims=(2, 3)) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+    sorted_labels = torch.cat([torch.full((b - a,), k, dtype=torch.long, device=images.device)
+                               for k, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+    rotated = torch.empty_like(turned).index_copy_(0, perm, turned).contiguous(memory_format=layout)
+    labels = torch.empty_like(sorted_labels).index_copy_(0, perm, sorted_labels)
     return rotated, labels
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from fasttrain.methods.self_training import pseudo_label
+from fasttrain.pseudo_label import pseudo_label
 
 base_run, data, out = map(Path, sys.argv[1:4])
 acc = Accelerator()
