@@ -373,12 +373,15 @@ def _pool_shortfall_error(pool_name: str, requested, have, args_text: str, fix: 
 
 
 def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | None, rho_u: float,
-                 unlabeled_factor: float | None, seed: int, allow_smaller_pool: bool = False) -> tuple[dict, dict]:
+                 unlabeled_factor: float | None, seed: int, allow_smaller_pool: bool = False,
+                 val_per_class: int = 0) -> tuple[dict, dict]:
     """The long-tailed train split, the unlabeled pool and the eval splits of `src`; plus manifest info.
 
     Class sizes follow `src.class_order` (head first: SVHN's is 1..9, 0 as in the paper). The pool has
     `unlabeled_factor` x the labeled size with profile rho_u; a pool that cannot supply that is a
-    ConvertError unless `allow_smaller_pool`. `unlabeled_factor=None`: 5 where the source has a pool."""
+    ConvertError unless `allow_smaller_pool`. `unlabeled_factor=None`: 5 where the source has a pool.
+    `val_per_class` > 0 (sources without a val split): a balanced val split of that many images per class,
+    drawn from the train images not in the labeled set (and kept out of the pool), for model selection."""
     from data_prep.longtail import class_counts, select, unlabeled_counts
 
     c, train = src.num_classes, src.train
@@ -410,12 +413,26 @@ def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | N
     train_index = train.index[rows]
     splits = {"train": dict(zip(("images", "labels"), train.take(rows)), source_index=train_index,
                             names=train.names(rows))}
+    vrows = np.zeros(0, np.int64)
+    if val_per_class > 0:
+        if src.val is not None or src.longtail_given:
+            raise ConvertError(f"--val-per-class: {src.name} has its own val split; drop --val-per-class")
+        free = np.setdiff1d(np.arange(len(train)), rows)
+        free_have = np.bincount(train.labels[free], minlength=c)[:c]
+        if np.any(free_have < val_per_class):
+            short = int(np.argmin(free_have))
+            raise ConvertError(f"--val-per-class {val_per_class}: class {short} has only {int(free_have[short])} "
+                               f"train images besides the labeled set; lower --val-per-class")
+        vrows = select(train.labels, [val_per_class] * c, [seed, 2], candidates=free)
+        splits["val"] = dict(zip(("images", "labels"), train.take(vrows)), source_index=train.index[vrows],
+                             names=train.names(vrows))
     has_pool = src.pool is not None or not src.longtail_given
     if unlabeled_factor is None:
         unlabeled_factor = 5 if has_pool else 0
     info = {"longtail": {"profile": profile, "rho": None if profile == "split-file" else _number(rho),
                          "max_per_class": n_max, "rho_u": _number(rho_u),
-                         "unlabeled_factor": _number(unlabeled_factor), "seed": seed}}
+                         "unlabeled_factor": _number(unlabeled_factor), "seed": seed,
+                         "val_per_class": int(val_per_class)}}
     if unlabeled_factor > 0:
         total = int(round(unlabeled_factor * len(rows)))
         requested = _by_label(unlabeled_counts(c, total, rho_u), order)
@@ -425,7 +442,7 @@ def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | N
             fix = "lower --unlabeled-factor"
         elif not src.longtail_given:
             pool, offset, pool_name = train, 0, "train_not_selected"
-            candidates = np.setdiff1d(np.arange(len(train)), rows)
+            candidates = np.setdiff1d(np.arange(len(train)), np.union1d(rows, vrows))
             fix = ("pass --unlabeled-file with the TinyImages pool (ti_80M_selected.pickle, the paper's pool), "
                    "lower --unlabeled-factor" if src.name == "cifar10" else "lower --unlabeled-factor")
         else:
@@ -494,6 +511,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-split-file", type=Path, default=None)
     p.add_argument("--num-classes", type=int, default=None,
                    help="split-file sources (default: imagenet_lt 1000, inat2018 8142, folder max label + 1)")
+    p.add_argument("--val-per-class", type=int, default=0,
+                   help="sources without a val split: carve a balanced val split of this many train images per "
+                        "class (neither labeled nor in the pool) for choosing epochs and hyper-parameters")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--formats", default="ffcv,dali", help="comma-separated subset of ffcv,dali")
     p.add_argument("--shard-size", type=int, default=1000, help="DALI samples per tar shard")
@@ -526,6 +546,8 @@ def check_args(args) -> list[str]:
         raise ConvertError(f"--unlabeled-factor {args.unlabeled_factor}: must be >= 0 (0: no unlabeled pool)")
     if args.num_classes is not None and args.num_classes < 1:
         raise ConvertError(f"--num-classes {args.num_classes}: must be at least 1")
+    if args.val_per_class < 0:
+        raise ConvertError(f"--val-per-class {args.val_per_class}: must be >= 0 (0: no val split)")
     if args.seed < 0:
         raise ConvertError(f"--seed {args.seed}: must be >= 0")
     if args.unlabeled_file is not None and args.source != "cifar10":
@@ -558,7 +580,7 @@ def convert(args, command: str | None = None) -> Path:
                       num_classes=args.num_classes)
     splits, info = build_splits(src, profile=args.profile, rho=args.rho, max_per_class=args.max_per_class,
                                 rho_u=args.rho_u, unlabeled_factor=args.unlabeled_factor, seed=args.seed,
-                                allow_smaller_pool=args.allow_smaller_pool)
+                                allow_smaller_pool=args.allow_smaller_pool, val_per_class=args.val_per_class)
     extra = {"source": src.name, "source_root": str(Path(args.root).absolute()), "source_files": src.files,
              **info, "command": command or " ".join(map(shlex.quote, [sys.executable] + sys.argv))}
     return write_dataset(args.out, splits, num_classes=src.num_classes, encoding=src.encoding, formats=formats,

@@ -82,7 +82,8 @@ def write_report(run_dir: Path, metrics: dict, confusion: np.ndarray, train_coun
 
 def _label(block: dict, best: dict | None, epochs: int | None) -> str:
     of = f"/{epochs}" if epochs else ""
-    where = f"epoch {block['epoch'] + 1}{of}, {block['split']}"
+    epoch = block.get("epoch")
+    where = (f"epoch {epoch + 1}{of}, " if epoch is not None else "") + f"{block.get('split')}"
     if best is None:
         return f"final epoch ({where})"
     if best["selected_on"] == block["split"]:
