@@ -223,7 +223,7 @@ def _write_train(tmp: Path, store, labels, source_index, formats, base: DatasetD
     image = base.image
     if "ffcv" in formats:
         write_ffcv(tmp / "train.beton", store, labels, source_index, max_side=image.get("max_side") or 256,
-                   jpeg_quality=image.get("jpeg_quality") or 90, workers=workers)
+                   jpeg_quality=image.get("jpeg_quality") or 90)
     if "dali" in formats:
         shards = sorted(base.split("train").dali_dir.glob("shard-*.tar"))
         shard_size = _shard_size(shards[0]) if shards else 1000
@@ -235,7 +235,8 @@ def _shard_size(tar: Path) -> int:
     return int(tar.with_suffix(".idx").read_text().split(None, 2)[1])
 
 
-def _shards(base: DatasetDir, split) -> "ShardReader":  # noqa: F821
+def _shards(base: DatasetDir, split):
+    """The split's DALI shards (the images' bytes as stored), which the joint dataset copies."""
     from .data.shards import ShardReader
     if split.dali_dir is None or not split.dali_dir.exists():
         raise DatasetError(f"{base.root}: split {split.name!r} has no DALI shards, which the pseudo-labeled "
@@ -250,12 +251,18 @@ def _raw_images(base: DatasetDir, split) -> np.ndarray:
 
 def _jpeg_store(base: DatasetDir, train, pool, keep: np.ndarray, path: Path):
     """The stored JPEG bytes of the labeled set then the kept pool samples, unchanged, as a JpegStore."""
+    import io
+
+    from PIL import Image
+
     from data_prep.writers import JpegStore
-    offsets = [0]
+    offsets, shapes = [0], []
     with open(path, "wb") as f:
         for reader, positions in ((_shards(base, train), range(train.num_samples)), (_shards(base, pool), keep)):
             for pos in positions:
-                data = reader.image_bytes(int(pos))
-                f.write(data.tobytes())
+                data = reader.image_bytes(int(pos)).tobytes()
+                f.write(data)
                 offsets.append(offsets[-1] + len(data))
-    return JpegStore(path, np.asarray(offsets, np.int64))
+                width, height = Image.open(io.BytesIO(data)).size   # the header only
+                shapes.append((height, width))
+    return JpegStore(path, np.asarray(offsets, np.int64), np.asarray(shapes, np.int64).reshape(-1, 2))

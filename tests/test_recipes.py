@@ -47,12 +47,16 @@ def check_chain(out: Path, data: Path):
 @pytest.mark.slow
 def test_fmnist_chain_one_process(tiny_raw, tmp_path):
     out = tmp_path / "chain"
-    r = python("recipes/fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", "--seeds", "0", *TINY)
+    args = ("recipes/fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", "--seeds", "0",
+            "--processes", "2", *TINY)
+    r = python(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("[fasttrain] finished ") == 4   # the jobs: ce, two self-training, rotation -> CE
     check_chain(out, tiny_raw)
-    # running it again finds every stage done and only prints the table
-    again = python("recipes/fmnist_lt.py", "--data", tiny_raw, "--out", out, "--epochs", "1", "--seeds", "0", *TINY)
-    assert again.returncode == 0 and again.stdout.count("already done") == 7
+    # running it again finds every stage done (each job says so in its log) and only prints the table
+    again = python(*args)
+    logs = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
+    assert again.returncode == 0 and logs.count("already done") == 7
 
 
 @pytest.mark.slow
