@@ -88,8 +88,7 @@ class Engine:
 
         # Loaders shard themselves per rank: they are never passed to accelerator.prepare.
         self.train_loader = self.build_loader(cfg.train_split, views=self.method.views(train=True), train=True,
-                                              sampler=cfg.sampler,
-                                              batch_size=self.method.batch_size(self.per_process_batch))
+                                              sampler=cfg.sampler)
         if len(self.train_loader) == 0:
             raise DatasetError(f"{cfg.data}: split {cfg.train_split!r} gives no full batch of "
                                f"{self.per_process_batch} per process; lower --batch-size")

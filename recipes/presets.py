@@ -47,8 +47,6 @@ MOCO = dict(IMAGENET_LT, color_jitter=0.0, method="moco", epochs=200, batch_size
             weight_decay=1e-4, schedule="cosine", lr_update="epoch_start", moco_queue=65536, moco_momentum=0.999,
             moco_temperature=0.2, moco_mlp=True)
 
-# Former names.
-IMAGENET, CRT = IMAGENET_LT, CRT_IMAGENET_LT
 
 # Self-training's joint stage (train_semi.py): the CIFAR recipe at batch 256, on labeled + pseudo-labeled data.
 SEMI = dict(CIFAR, batch_size=256)

@@ -33,8 +33,8 @@ def flag_help(text: str, flag: str) -> str:
 
 def test_help_shows_choices_and_the_presets_values():
     sys.path.insert(0, str(ROOT / "recipes"))
-    from presets import IMAGENET
-    text = parser("desc", Config().update(IMAGENET)).format_help()
+    from presets import IMAGENET_LT
+    text = parser("desc", Config().update(IMAGENET_LT)).format_help()
     assert "{ffcv,dali,torch,device}" in flag_help(text, "--loader")
     assert flag_help(text, "--arch").endswith("(default: resnet50)")
     assert "(default: 128)" in flag_help(text, "--batch-size")

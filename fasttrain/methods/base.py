@@ -46,10 +46,6 @@ class Method:
         view, j = augment.large_train(self.cfg.image_size), self.cfg.color_jitter
         return [dataclasses.replace(view, jitter=(j, j, j, 0.0), jitter_p=1.0) if j > 0 else view]
 
-    def batch_size(self, per_process: int) -> int:
-        """Batch size of the main (labeled) training loader."""
-        return per_process
-
     def trainable_parameters(self, model: nn.Module):
         return [p for p in model.parameters() if p.requires_grad]
 
