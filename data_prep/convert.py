@@ -431,8 +431,9 @@ def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | N
         unlabeled_factor = 5 if has_pool else 0
     info = {"longtail": {"profile": profile, "rho": None if profile == "split-file" else _number(rho),
                          "max_per_class": n_max, "rho_u": _number(rho_u),
-                         "unlabeled_factor": _number(unlabeled_factor), "seed": seed,
-                         "val_per_class": int(val_per_class)}}
+                         "unlabeled_factor": _number(unlabeled_factor), "seed": seed}}
+    if val_per_class > 0:
+        info["longtail"]["val_per_class"] = int(val_per_class)
     if unlabeled_factor > 0:
         total = int(round(unlabeled_factor * len(rows)))
         requested = _by_label(unlabeled_counts(c, total, rho_u), order)

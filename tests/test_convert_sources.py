@@ -30,6 +30,21 @@ def fmnist_root(tmp_path_factory):
     return make_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
+def test_val_per_class_is_balanced_disjoint_and_the_same_for_every_pool(fmnist_root, tmp_path):
+    args = ["--source", "fmnist", "--root", fmnist_root, "--profile", "exp", "--rho", 10, "--max-per-class", 20,
+            "--unlabeled-factor", 2, "--val-per-class", 3, "--formats", "dali"]
+    u1, u10 = run(*args, "--rho-u", 1, "--out", tmp_path / "u1"), run(*args, "--rho-u", 10, "--out", tmp_path / "u10")
+    for ds in (u1, u10):
+        val, train, pool = ds.split("val"), ds.split("train"), ds.split("unlabeled")
+        assert val.class_counts == [3] * 10 and np.bincount(val.labels).tolist() == [3] * 10
+        assert not set(val.source_index) & (set(train.source_index) | set(pool.source_index))
+        assert ds.manifest["longtail"]["val_per_class"] == 3
+    assert np.array_equal(u1.split("val").source_index, u10.split("val").source_index)
+    assert np.array_equal(u1.split("train").source_index, u10.split("train").source_index)
+    with pytest.raises(ConvertError, match="--val-per-class 1000: class"):
+        run(*args, "--rho-u", 1, "--val-per-class", 1000, "--out", tmp_path / "too_many")
+
+
 def test_fmnist_longtail_pool_and_determinism(fmnist_root, tmp_path):
     args = ["--source", "fmnist", "--root", fmnist_root, "--profile", "exp", "--rho", 10, "--max-per-class", 20,
             "--rho-u", 10, "--unlabeled-factor", 2, "--formats", "dali"]
