@@ -66,7 +66,7 @@ def test_fmnist_chain_two_processes(tiny_raw, tmp_path):
                                   "--seeds", "0", *TINY)
     log = result.stdout + result.stderr
     # really distributed: one synchronised run of two ranks (not two independent single-process runs)
-    assert log.count("2 process(es)") == 5 and "1 process(es)" not in log
+    assert log.count("| 2 process(es) on") == 5 and "1 process(es)" not in log
     assert log.count("stage ce_s0 ->") == 1
     check_chain(out, tiny_raw)
 
