@@ -27,7 +27,7 @@ METRICS = ("top1", "many", "medium", "few", "epoch")
 BLOCKS = ("final", "best")
 # config keys that do not change what a run computes: runs differing only in these (and the seed) are repeats
 NOT_THE_SETTING = {"seed", "out", "resume", "workers", "log_every", "stop_after_epochs", "tracker_dir", "log_with"}
-SEED_PATHS = {"pretrained", "pseudo_labels"}   # compared with a seed in the path dropped
+SEED_PATHS = {"pretrained", "data"}   # compared with a seed in the path dropped (per-seed backbones, pseudo-labeled sets)
 
 
 class ReportError(ValueError):
