@@ -4,6 +4,9 @@ the paper's gen_pseudolabels.py + train_semi.py: base model on the labeled set -
 training split of labeled + pseudo-labeled images -> joint training: an ordinary supervised run on that set
 (batch 256 as train_semi.py; an epoch is one pass over the union; any loss / re-weighting / sampler, whose
 class counts are labeled + pseudo-label counts; many/medium/few groups use the labeled counts).
+Departure: like every fasttrain training loader, the joint epoch drops its last incomplete batch (at most
+255 of the union's images per epoch, a different subset each epoch); the paper's DataLoader keeps it. Every
+rank then takes equal, full batches.
 
     python recipes/semi_cifar_lt.py --data DATA --out RUN [--loss ldam --head cosine --reweight drw]
 """
