@@ -6,7 +6,9 @@ samples at the same positions (for JPEG sets, the same JPEG bytes).
 
 Every file is written by the main process, in position order: the outputs are byte-identical for any
 worker count, and a failed write (a full disk) raises in the main process instead of stranding a worker.
-Worker processes only decode and encode images; one that dies ends the conversion with an error.
+Worker processes only decode and encode images; one that dies ends the conversion with an error. They start
+from a fork server, never by forking the converter: a fork of a process that holds threads (tqdm's monitor,
+OpenMP, DALI or numba pools when the converter is called from Python) can copy a held lock and hang.
 """
 from __future__ import annotations
 
@@ -81,7 +83,12 @@ class JpegStore:
         return int(self.offsets[-1])
 
 
-_ITEMS = None  # the items a forked prepare worker reads (set before the pool forks; not pickled)
+_ITEMS = None  # the items a prepare worker reads (sent once to each worker by the pool's initializer)
+
+
+def _set_items(items) -> None:
+    global _ITEMS
+    _ITEMS = items
 
 
 def to_jpeg(item, max_side: int, quality: int) -> tuple[bytes, tuple[int, int]]:
@@ -129,13 +136,22 @@ def _prepare_range(args):
     return results
 
 
-def ordered_map(fn, n: int, workers: int, chunk: int, extra: tuple, desc: str):
-    """Yield fn((start, stop, *extra)) results for consecutive ranges of 0..n, in order, from forked
-    worker processes; a bounded number of ranges is in flight. A worker that dies is a ConvertError."""
+def worker_context() -> mp.context.BaseContext:
+    """Fork-server workers that have pre-imported this module (see the module docstring)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def ordered_map(fn, n: int, workers: int, chunk: int, extra: tuple, desc: str, items):
+    """Yield fn((start, stop, *extra)) results for consecutive ranges of 0..n, in order, from worker
+    processes that each receive `items` once (as `_ITEMS`); a bounded number of ranges is in flight.
+    A worker that dies is a ConvertError."""
     ranges = [(s, min(n, s + chunk), *extra) for s in range(0, n, chunk)]
     window = 4 * workers
     try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+        with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_set_items,
+                                 initargs=(items,)) as ex:
             futures = [ex.submit(fn, r) for r in ranges[:window]]
             for k in range(len(ranges)):
                 if k + window < len(ranges):
@@ -153,24 +169,19 @@ def prepare_jpegs(items, path: Path, *, max_side: int, quality: int, workers: in
 
     Returns the store, the positions kept (into `items`) and the skipped files [{split, file, reason}].
     Bad items are all found in one pass; without `skip_bad` they are then one ConvertError listing them."""
-    global _ITEMS
-    _ITEMS = items
     offsets, shapes, kept, bad = [0], [], [], []
-    try:
-        with open(path, "wb") as f:
-            results = ordered_map(_prepare_range, len(items), workers, 8, (max_side, quality), desc)
-            for i, (data, shape, reason) in enumerate(tqdm(results, total=len(items), desc=f"prepare {desc}",
-                                                           unit="img")):
-                if data is None:
-                    bad.append({"split": desc, "file": names[i], "reason": reason})
-                    continue
-                if not bad or skip_bad:  # after a fatal bad image only keep looking for more of them
-                    f.write(data)
-                    offsets.append(offsets[-1] + len(data))
-                    shapes.append(shape)
-                    kept.append(i)
-    finally:
-        _ITEMS = None
+    with open(path, "wb") as f:
+        results = ordered_map(_prepare_range, len(items), workers, 8, (max_side, quality), desc, items)
+        for i, (data, shape, reason) in enumerate(tqdm(results, total=len(items), desc=f"prepare {desc}",
+                                                       unit="img")):
+            if data is None:
+                bad.append({"split": desc, "file": names[i], "reason": reason})
+                continue
+            if not bad or skip_bad:  # after a fatal bad image only keep looking for more of them
+                f.write(data)
+                offsets.append(offsets[-1] + len(data))
+                shapes.append(shape)
+                kept.append(i)
     if bad and not skip_bad:
         listed = "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:MAX_LISTED])
         more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""

@@ -104,13 +104,14 @@ def test_any_write_error_is_one_line_and_removes_temp(tmp_path, monkeypatch):
 
 
 class _KillsItsWorker(list):
+    def __init__(self, items):
+        super().__init__(items)
+        self.parent = os.getpid()                   # pickled with the list: the workers see the converter's pid
+
     def __getitem__(self, i):
-        if i == 5 and os.getpid() != PARENT:
+        if i == 5 and os.getpid() != self.parent:
             os._exit(1)  # a worker killed mid-job (as by the OOM killer)
         return list.__getitem__(self, i)
-
-
-PARENT = os.getpid()
 
 
 def test_dead_image_worker_is_an_error_not_a_hang(tmp_path):

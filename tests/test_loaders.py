@@ -298,3 +298,17 @@ def test_importing_ffcv_keeps_torch_threads():
     code = "import torch; torch.set_num_threads(2); import fasttrain.data.ffcv_loader; print(torch.get_num_threads())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "2"
+
+
+def test_torch_loader_workers_are_not_forked_from_the_trainer(jpeg):
+    """A fork of a process that holds threads (torch/OpenMP pools, DALI, numba) can copy a held lock and hang
+    the worker forever: the workers must be children of a fork server, never of this process."""
+    import os
+    loader = build_loader(jpeg, "train", kind="torch", batch_size=8, views=[A.large_train(24)], train=True,
+                          workers=2)
+    loader.set_epoch(0)
+    batches = sum(1 for _ in loader)
+    workers = loader.loader._iterator._workers      # persistent: still alive after the epoch
+    parents = {int(open(f"/proc/{w.pid}/stat").read().rsplit(")", 1)[1].split()[1]) for w in workers}
+    assert batches == len(loader) and len(workers) == 2
+    assert os.getpid() not in parents and len(parents) == 1, parents

@@ -4,9 +4,15 @@
 Every batch is fetched whole by one worker (`__getitems__`); its stage-1 randomness (jpeg crop and flip)
 comes from a seed derived from (seed, epoch, rank, batch number), so it does not depend on which worker
 ran it.
+
+Workers start from a fork server, never by forking this process: by the time a loader starts, the trainer
+holds threads (PyTorch's and OpenMP's pools, DALI and FFCV/numba workers, tqdm's monitor), and a fork taken
+while one of them holds a lock copies that lock held forever, a hang that comes once in many runs. The
+server is a fresh interpreter that has imported only this module; each worker is forked from it.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 from typing import Iterator
 
 import numpy as np
@@ -50,6 +56,13 @@ def _crop_resize_flip(images: list[Image.Image], sizes: torch.Tensor, view: View
     return torch.from_numpy(out)
 
 
+def worker_context() -> mp.context.BaseContext:
+    """The start method of the workers: a fork server that has pre-imported this module (see the docstring)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _as_is(batch):
     return batch
 
@@ -76,7 +89,8 @@ class TorchLoader(LoaderBase):
         self.keys = EpochKeys()
         self.loader = DataLoader(self.dataset_batches, batch_sampler=self.keys, collate_fn=_as_is,
                                  num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=True)
+                                 persistent_workers=True,
+                                 multiprocessing_context=worker_context())
 
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         self.keys.keys = [(derive_seed(self.seed, self.epoch, self.rank, b), positions[i:i + self.batch_size])
