@@ -124,7 +124,21 @@ class Engine:
         return lr_at(self.cfg, epoch, step, len(self.train_loader))
 
     # ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the loaders' worker processes, threads and pipelines (the engine stays usable)."""
+        for loader in (self.train_loader, self.eval_loader):
+            if loader is not None:
+                loader.close()
+
     def fit(self) -> str:
+        """Train from the start or the resumed epoch to the end (or --stop-after-epochs); the loaders are
+        closed when it returns or fails."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> str:
         cfg, acc = self.cfg, self.accelerator
         if (self.run_dir / "DONE").exists():
             self.log(f"{self.run_dir} is already complete (DONE); nothing to do")
@@ -225,9 +239,13 @@ class Engine:
         loader = self.eval_loader if split == self.eval_split else self.build_loader(
             split, views=self.method.views(train=False), train=False)
         counts = self.dataset.shot_counts(self.cfg.train_split)  # labeled counts (self-training)
-        metrics, confusion = evaluate(self.accelerator.unwrap_model(self.model), loader,
-                                      self.dataset.num_classes, counts, self.accelerator,
-                                      many=self.cfg.many_threshold, few=self.cfg.few_threshold)
+        try:
+            metrics, confusion = evaluate(self.accelerator.unwrap_model(self.model), loader,
+                                          self.dataset.num_classes, counts, self.accelerator,
+                                          many=self.cfg.many_threshold, few=self.cfg.few_threshold)
+        finally:
+            if loader is not self.eval_loader:
+                loader.close()
         metrics.update(epoch=epoch, split=split)
         self.log(f"eval {split} (epoch {epoch + 1}): top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
                  f"many {_fmt(metrics['many'])} medium {_fmt(metrics['medium'])} few {_fmt(metrics['few'])}")

@@ -207,7 +207,7 @@ def evaluate_checkpoint(data, checkpoint, *, split=None, loader=None, batch_size
     run_metrics = run_dir / "metrics.json"
     counts = (json.loads(run_metrics.read_text()).get("train_class_counts") if run_metrics.is_file() else None) \
         or dataset.split(cfg.train_split).class_counts
-    with acc.autocast():
+    with eval_loader, acc.autocast():
         metrics, confusion = evaluate(model, eval_loader, dataset.num_classes, counts, acc,
                                       many=cfg.many_threshold, few=cfg.few_threshold)
     out = Path(out) if out else run_dir / f"eval_{split}"

@@ -79,7 +79,7 @@ def pseudo_label(base_run: Path, data: Path, out: Path, *, loader: str = "ffcv",
     scale = cfg.ldam_scale if cfg.loss == "ldam" else 1.0
     empty = torch.empty(0, dtype=torch.long, device=device)
     parts = [(empty, empty.float(), empty)]   # (label, confidence, source index) per batch
-    with accelerator.autocast() if accelerator else nullcontext():
+    with batches, accelerator.autocast() if accelerator else nullcontext():
         for batch in batches:
             confidence, label = (scale * model(batch.images).float()).softmax(1).max(1)
             parts.append((label, confidence, batch.indices))

@@ -94,3 +94,37 @@ def test_resources_do_not_grow_with_epochs(tiny_raw, tmp_path, pseudo, loader, o
     finally:
         del engine
         reset_accelerate()
+
+
+def loader_workers(exclude: set[int]) -> list[int]:
+    """Live processes below this one, but those in `exclude` and the multiprocessing fork server itself
+    (it lives as long as the process; the torch loader's workers are its children)."""
+    me = psutil.Process()
+    server = {p.pid for p in me.children() if "multiprocessing.forkserver" in " ".join(p.cmdline())}
+    return [p.pid for p in me.children(recursive=True) if p.pid not in exclude | server
+            and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_a_finished_run_releases_its_loaders(tiny_raw, tmp_path, loader):
+    """fit() returns with the loaders' worker processes and pipelines gone, while the engine is still
+    referenced (a chain runs its next stage in the same process; garbage collection may come much later)."""
+    from nvidia.dali import Pipeline
+    gc.collect()
+    earlier = {p.pid for p in psutil.Process().children(recursive=True)}
+    cfg = Config(data=str(tiny_raw), out=str(tmp_path / "run")).update(TINY_RUN | dict(epochs=2, loader=loader,
+                                                                                       workers=2))
+    engine = Engine(cfg)
+    try:
+        engine.train_epoch(0)
+        engine.evaluate(0)
+        running = loader_workers(earlier)
+        pipelines = [o for o in gc.get_objects() if issubclass(type(o), Pipeline)]
+        assert (len(running), len(pipelines)) == ((4, 0) if loader == "torch" else (0, 2))
+        del pipelines
+        assert engine.fit() == "done"
+        assert loader_workers(earlier) == []
+        assert sum(issubclass(type(o), Pipeline) for o in gc.get_objects()) == 0
+    finally:
+        del engine
+        reset_accelerate()

@@ -76,7 +76,14 @@ class LoaderBase(ABC):
         self.epoch = 0
 
     def close(self) -> None:
-        """Release the backend's threads, processes and pipelines (also done when collected)."""
+        """Release the backend's threads, processes and pipelines now (also done when collected); the loader
+        stays usable: a later epoch starts them again."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -58,7 +58,7 @@ class DaliLoader(LoaderBase):
         self._pending = False          # the pipeline may still hold prefetched batches of an earlier epoch
 
     def close(self) -> None:
-        self.pipe = None
+        self.pipe, self._pending, self._feed = None, False, iter(())
 
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         batches = [positions[i:i + self.batch_size] for i in range(0, len(positions), self.batch_size)]

@@ -92,6 +92,12 @@ class TorchLoader(LoaderBase):
                                  persistent_workers=True,
                                  multiprocessing_context=worker_context())
 
+    def close(self) -> None:
+        """Stop the persistent worker processes now; a later epoch starts new ones."""
+        iterator, self.loader._iterator = self.loader._iterator, None   # where DataLoader keeps them
+        if iterator is not None:
+            iterator._shutdown_workers()
+
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         self.keys.keys = [(derive_seed(self.seed, self.epoch, self.rank, b), positions[i:i + self.batch_size])
                           for b, i in enumerate(range(0, len(positions), self.batch_size))]
