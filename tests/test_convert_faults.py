@@ -24,7 +24,7 @@ from data_prep.convert import convert, write_dataset
 from fasttrain.dataset import DatasetDir
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = Path("/work/shared/splits")
+SPLITS = Path(__file__).resolve().parents[1] / "data_prep" / "splits"
 
 
 @pytest.fixture(scope="module")

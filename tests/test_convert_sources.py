@@ -17,7 +17,7 @@ from data_prep.sources import read_split_file
 from fasttrain.dataset import DatasetDir
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = Path("/work/shared/splits")
+SPLITS = Path(__file__).resolve().parents[1] / "data_prep" / "splits"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
