@@ -109,7 +109,8 @@ class Engine:
                             views=views, train=train, sampler=sampler, sampling_labels=sampling_labels,
                             positions=positions, seed=self.cfg.seed, rank=acc.process_index,
                             world_size=acc.num_processes, device=self.device, channels_last=self.cfg.channels_last,
-                            workers=self.cfg.workers, samples_per_class=self.cfg.samples_per_class)
+                            workers=self.cfg.workers, samples_per_class=self.cfg.samples_per_class,
+                            cb_beta=self.cfg.cb_beta)
 
     def track(self, values: dict, step: int) -> None:
         """Send scalars to the experiment trackers (--log-with; main process only), at global step `step`."""
