@@ -52,7 +52,8 @@ class Config:
     arch: str = opt("resnet32", "network", ("resnet20", "resnet32", "resnet44", "resnet56", "resnet10", "resnet18",
                                             "resnet50"))
     width: float = opt(1.0, "channel width multiplier (resnet20/32/44/56 only)")
-    head: str = opt("linear", "classifier; cosine needs --loss ldam", ("linear", "cosine"))
+    head: str = opt("auto", "classifier; auto = cosine with --loss ldam (the paper's rule), else linear; "
+                            "cosine needs --loss ldam", ("auto", "linear", "cosine"))
     pretrained: str = opt("", "backbone to start from (SSP backbone.pt, MoCo or torchvision file)")
 
     # optimisation
@@ -167,9 +168,15 @@ class Config:
         return dataclasses.replace(self, **values)
 
     def changed_from(self, saved: "Config") -> list[str]:
-        """Fields (other than RESUMABLE ones) whose value differs from a saved run's config."""
+        """Fields (other than RESUMABLE ones) whose value differs from a saved run's config. The head is compared
+        as built (`--head auto` is linear unless the loss is LDAM), so a run saved with `head: linear` before
+        `auto` existed continues under the same command."""
+        from .models import head_for
+
+        def value(cfg: Config, name: str):
+            return head_for(cfg.head, cfg.loss) if name == "head" else getattr(cfg, name)
         return sorted(f.name for f in fields(self)
-                      if f.name not in RESUMABLE and getattr(self, f.name) != getattr(saved, f.name))
+                      if f.name not in RESUMABLE and value(self, f.name) != value(saved, f.name))
 
     def validate(self) -> "Config":
         """Every field value checked in one place, before any work starts; raises ConfigError naming each bad
@@ -238,8 +245,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from .data import KINDS
     from .data.sampling import SAMPLERS
     from .losses import LOSSES, REWEIGHTS
-    from .models import ARCHS, HEADS
-    return {"loader": tuple(KINDS), "arch": tuple(ARCHS), "head": tuple(HEADS),
+    from .models import ARCHS, HEAD_CHOICES
+    return {"loader": tuple(KINDS), "arch": tuple(ARCHS), "head": tuple(HEAD_CHOICES),
             "loss": tuple(LOSSES), "reweight": tuple(REWEIGHTS), "sampler": tuple(SAMPLERS),
             "schedule": ("step", "cosine", "constant"), "precision": ("no", "bf16", "fp16"),
             "optimizer": ("sgd", "apex_lamb", "apex_lars")}

@@ -28,7 +28,7 @@ from .data import build_loader
 from .dataset import DatasetDir, DatasetError
 from .evaluate import evaluate, results_table, write_report
 from .methods import method_class
-from .models import load_pretrained
+from .models import head_for, load_pretrained
 from .models.checkpoint import bare_model, save_backbone
 from .runtime import configure_math, configure_threads, sync_batchnorm
 
@@ -385,7 +385,7 @@ class Engine:
         if self.is_main:
             model = bare_model(self.model)            # no DDP / torch.compile prefixes in the saved files
             self.method.export(model, self.run_dir)
-            torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": self.cfg.head,
+            torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": head_for(self.cfg.head, self.cfg.loss),
                         "num_classes": self.method.num_outputs(), "in_channels": self.dataset.channels,
                         "method": self.cfg.method, "state_dict": model.state_dict()}, self.run_dir / "model.pt")
             if final is not None:
