@@ -84,16 +84,21 @@ class Config:
     tf32: bool = opt(True, "allow TF32 matmuls / convolutions on Ampere+ GPUs")
 
     # loss and re-balancing
-    loss: str = opt("ce", "training loss", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
+    loss: str = opt("ce", "training loss; ldam also selects the cosine head unless --head is given (the paper's "
+                          "rule)", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
     reweight: str = opt("none", "class re-weighting of the loss", ("none", "cb", "drw"))
     drw_at: float = opt(0.8, "DRW: class-balanced weights from this fraction of the run on (paper: 160/200)")
     drw_epoch: int = opt(-1, ">= 0: DRW from this 0-based epoch instead of --drw-at")
-    cb_beta: float = opt(0.9999, "class-balanced weights: beta of the effective number")
+    cb_beta: float = opt(0.9999, "beta of the effective number (1 - beta^n) / (1 - beta): class-balanced weights "
+                                 "(--reweight cb, drw) and --sampler resample")
     focal_gamma: float = opt(1.0, "focal loss gamma")
     ldam_max_margin: float = opt(0.5, "LDAM: largest margin (of the rarest class)")
     ldam_scale: float = opt(30.0, "LDAM: logit scale")
     la_tau: float = opt(1.0, "logit adjustment: tau")
-    sampler: str = opt("uniform", "training sample order", ("uniform", "balanced", "sqrt", "class_aware"))
+    sampler: str = opt("uniform", "training sample order: uniform = shuffle; resample = the paper's Resample (each "
+                                  "sample weighted by (1 - beta) / (1 - beta^n_c), beta --cb-beta); balanced = "
+                                  "classes equally likely; sqrt = class ~ sqrt(n_c); class_aware = runs of "
+                                  "--samples-per-class", ("uniform", "resample", "balanced", "sqrt", "class_aware"))
     samples_per_class: int = opt(4, "class_aware sampler: images of one class taken in a row (paper: 4)")
     crt_freeze_bn: bool = opt(False, "cRT: freeze BN statistics too (default: they keep updating, as the paper)")
 
