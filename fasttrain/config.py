@@ -52,7 +52,8 @@ class Config:
     arch: str = opt("resnet32", "network", ("resnet20", "resnet32", "resnet44", "resnet56", "resnet10", "resnet18",
                                             "resnet50"))
     width: float = opt(1.0, "channel width multiplier (resnet20/32/44/56 only)")
-    head: str = opt("linear", "classifier; cosine needs --loss ldam", ("linear", "cosine"))
+    head: str = opt("auto", "classifier; auto = cosine with --loss ldam (the paper's rule), else linear; "
+                            "cosine needs --loss ldam", ("auto", "linear", "cosine"))
     pretrained: str = opt("", "backbone to start from (SSP backbone.pt, MoCo or torchvision file)")
 
     # optimisation
@@ -83,16 +84,21 @@ class Config:
     tf32: bool = opt(True, "allow TF32 matmuls / convolutions on Ampere+ GPUs")
 
     # loss and re-balancing
-    loss: str = opt("ce", "training loss", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
+    loss: str = opt("ce", "training loss; ldam also selects the cosine head unless --head is given (the paper's "
+                          "rule)", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
     reweight: str = opt("none", "class re-weighting of the loss", ("none", "cb", "drw"))
     drw_at: float = opt(0.8, "DRW: class-balanced weights from this fraction of the run on (paper: 160/200)")
     drw_epoch: int = opt(-1, ">= 0: DRW from this 0-based epoch instead of --drw-at")
-    cb_beta: float = opt(0.9999, "class-balanced weights: beta of the effective number")
+    cb_beta: float = opt(0.9999, "beta of the effective number (1 - beta^n) / (1 - beta): class-balanced weights "
+                                 "(--reweight cb, drw) and --sampler resample")
     focal_gamma: float = opt(1.0, "focal loss gamma")
     ldam_max_margin: float = opt(0.5, "LDAM: largest margin (of the rarest class)")
     ldam_scale: float = opt(30.0, "LDAM: logit scale")
     la_tau: float = opt(1.0, "logit adjustment: tau")
-    sampler: str = opt("uniform", "training sample order", ("uniform", "balanced", "sqrt", "class_aware"))
+    sampler: str = opt("uniform", "training sample order: uniform = shuffle; resample = the paper's Resample (each "
+                                  "sample weighted by (1 - beta) / (1 - beta^n_c), beta --cb-beta); balanced = "
+                                  "classes equally likely; sqrt = class ~ sqrt(n_c); class_aware = runs of "
+                                  "--samples-per-class", ("uniform", "resample", "balanced", "sqrt", "class_aware"))
     samples_per_class: int = opt(4, "class_aware sampler: images of one class taken in a row (paper: 4)")
     crt_freeze_bn: bool = opt(False, "cRT: freeze BN statistics too (default: they keep updating, as the paper)")
 
@@ -167,9 +173,15 @@ class Config:
         return dataclasses.replace(self, **values)
 
     def changed_from(self, saved: "Config") -> list[str]:
-        """Fields (other than RESUMABLE ones) whose value differs from a saved run's config."""
+        """Fields (other than RESUMABLE ones) whose value differs from a saved run's config. The head is compared
+        as built (`--head auto` is linear unless the loss is LDAM), so a run saved with `head: linear` before
+        `auto` existed continues under the same command."""
+        from .models import head_for
+
+        def value(cfg: Config, name: str):
+            return head_for(cfg.head, cfg.loss) if name == "head" else getattr(cfg, name)
         return sorted(f.name for f in fields(self)
-                      if f.name not in RESUMABLE and getattr(self, f.name) != getattr(saved, f.name))
+                      if f.name not in RESUMABLE and value(self, f.name) != value(saved, f.name))
 
     def validate(self) -> "Config":
         """Every field value checked in one place, before any work starts; raises ConfigError naming each bad
@@ -238,8 +250,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from .data import KINDS
     from .data.sampling import SAMPLERS
     from .losses import LOSSES, REWEIGHTS
-    from .models import ARCHS, HEADS
-    return {"loader": tuple(KINDS), "arch": tuple(ARCHS), "head": tuple(HEADS),
+    from .models import ARCHS, HEAD_CHOICES
+    return {"loader": tuple(KINDS), "arch": tuple(ARCHS), "head": tuple(HEAD_CHOICES),
             "loss": tuple(LOSSES), "reweight": tuple(REWEIGHTS), "sampler": tuple(SAMPLERS),
             "schedule": ("step", "cosine", "constant"), "precision": ("no", "bf16", "fp16"),
             "optimizer": ("sgd", "apex_lamb", "apex_lars")}

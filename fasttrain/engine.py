@@ -28,7 +28,7 @@ from .data import build_loader
 from .dataset import DatasetDir, DatasetError
 from .evaluate import evaluate, results_table, write_report
 from .methods import method_class
-from .models import load_pretrained
+from .models import head_for, load_pretrained
 from .models.checkpoint import bare_model, save_backbone
 from .runtime import configure_math, configure_threads, sync_batchnorm
 
@@ -63,6 +63,7 @@ class Engine:
                              f"{acc.num_processes} processes")
         self.per_process_batch = cfg.batch_size // acc.num_processes
         self.log(batch_and_lr(cfg, acc.num_processes))
+        self.log(schedule_line(cfg))
         set_seed(cfg.seed)
         configure_math(cfg.deterministic, cfg.tf32)
         res = configure_threads(cfg.workers)
@@ -109,7 +110,8 @@ class Engine:
                             views=views, train=train, sampler=sampler, sampling_labels=sampling_labels,
                             positions=positions, seed=self.cfg.seed, rank=acc.process_index,
                             world_size=acc.num_processes, device=self.device, channels_last=self.cfg.channels_last,
-                            workers=self.cfg.workers, samples_per_class=self.cfg.samples_per_class)
+                            workers=self.cfg.workers, samples_per_class=self.cfg.samples_per_class,
+                            cb_beta=self.cfg.cb_beta)
 
     def track(self, values: dict, step: int) -> None:
         """Send scalars to the experiment trackers (--log-with; main process only), at global step `step`."""
@@ -384,7 +386,7 @@ class Engine:
         if self.is_main:
             model = bare_model(self.model)            # no DDP / torch.compile prefixes in the saved files
             self.method.export(model, self.run_dir)
-            torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": self.cfg.head,
+            torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": head_for(self.cfg.head, self.cfg.loss),
                         "num_classes": self.method.num_outputs(), "in_channels": self.dataset.channels,
                         "method": self.cfg.method, "state_dict": model.state_dict()}, self.run_dir / "model.pt")
             if final is not None:
@@ -439,6 +441,48 @@ def lr_at(cfg: Config, epoch: int, step: int = 0, steps: int = 1) -> float:
     if cfg.schedule == "constant":
         return base
     raise ValueError(f"unknown --schedule {cfg.schedule!r}; valid: step, cosine, constant")
+
+
+def schedule_line(cfg: Config) -> str:
+    """The one line, printed at start, saying what the schedule does in this run: the lr of every epoch (1-based)
+    as ranges, a constant range with its value, a changing one (warm-up, cosine) with its first and last value;
+    DRW's first epoch when --reweight drw; and a warning when no epoch trains within 10% of the base lr (a run
+    too short for the schedule's positions, e.g. a 1-epoch cosine run trains at lr 0)."""
+    base = cfg.effective_lr()
+    lrs = [lr_at(cfg, e) for e in range(cfg.epochs)]
+    warmup = cfg.schedule_epochs()["warmup"]
+
+    def same(a: float, b: float) -> bool:
+        return math.isclose(a, b, rel_tol=1e-12)
+
+    parts, i = [], 0
+    while i < len(lrs):
+        j = i
+        if i + 1 < len(lrs) and same(lrs[i + 1], lrs[i]):               # a constant range
+            while j + 1 < len(lrs) and same(lrs[j + 1], lrs[i]):
+                j += 1
+            value = f"{lrs[i]:.4g}"
+        else:                                                           # a changing range, up to the next constant one
+            while j + 1 < len(lrs) and not same(lrs[j + 1], lrs[j]) and not (
+                    j + 2 < len(lrs) and same(lrs[j + 2], lrs[j + 1])):
+                j += 1
+            kind = " + ".join(k for k, on in (("warm-up", i + 1 < warmup), (cfg.schedule, j + 1 >= warmup)) if on)
+            value = f"{lrs[i]:.4g}" if i == j else f"{lrs[i]:.4g} -> {lrs[j]:.4g} ({kind})"
+        parts.append(f"{i + 1}{'' if i == j else f'-{j + 1}'}: {value}")
+        i = j + 1
+    step = "; --lr-update step: it also changes within epochs" if cfg.lr_update == "step" else ""
+    line = f"lr by epoch (base {base:.6g}{step}): " + ", ".join(parts)
+    if cfg.reweight == "drw":
+        drw = cfg.schedule_epochs()["drw"]
+        line += f"; DRW from epoch {drw + 1}" if drw < cfg.epochs else f"; DRW never (it starts at epoch {drw + 1})"
+    top = max(range(len(lrs)), key=lrs.__getitem__)
+    if lrs[top] < 0.9 * base:
+        line += (f" -- WARNING: no epoch trains within 10% of the base lr {base:.6g} (highest: {lrs[top]:.4g} in "
+                 f"epoch {top + 1}): the schedule's warm-up and decay leave no epoch at the base lr in this "
+                 f"{cfg.epochs}-epoch run; give more --epochs, other positions (--warmup-epochs, --milestone-epochs) "
+                 f"or --schedule constant")
+    return line
+
 
 def check_run_dir(run_dir: Path, cfg: Config) -> None:
     """Refuse, before anything is written, a launch that would change an existing run: `--out` on a folder

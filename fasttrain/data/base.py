@@ -41,7 +41,7 @@ class LoaderBase(ABC):
                  train: bool, sampler: str = "uniform", sampling_labels: np.ndarray | None = None,
                  positions: np.ndarray | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", channels_last: bool = False, workers: int | None = None,
-                 samples_per_class: int = 4):
+                 samples_per_class: int = 4, cb_beta: float = 0.9999):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not views:
@@ -61,7 +61,7 @@ class LoaderBase(ABC):
         self.sampling_labels = np.asarray(sampling_labels, dtype=np.int64)[self.positions]
         self.batch_size, self.views, self.train, self.sampler = batch_size, list(views), train, sampler
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.samples_per_class = samples_per_class
+        self.samples_per_class, self.cb_beta = samples_per_class, cb_beta
         self.device, self.channels_last = torch.device(device), channels_last
         self.workers = workers or default_workers()         # None or 0: this process's share of the cores
         self.is_raw = dataset.is_raw
@@ -91,7 +91,8 @@ class LoaderBase(ABC):
     def epoch_positions(self, epoch: int) -> np.ndarray:
         """File positions this rank reads in `epoch`, in order (training: sampler order, then sharded)."""
         if self.train:
-            order = epoch_order(self.sampling_labels, self.sampler, self.seed, epoch, self.samples_per_class)
+            order = epoch_order(self.sampling_labels, self.sampler, self.seed, epoch, self.samples_per_class,
+                                self.cb_beta)
             local = shard_train(order, self.rank, self.world_size)
             local = local[: len(local) // self.batch_size * self.batch_size]
         else:
