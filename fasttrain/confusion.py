@@ -65,7 +65,7 @@ class Confusion:
 
     @classmethod
     def load(cls, path: str | Path) -> "Confusion":
-        """Read a confusion.npz, or the dense confusion.npy of a run directory written before this format."""
+        """Read a confusion.npz, or the dense confusion.npy of an older run directory."""
         loaded = np.load(path)
         if isinstance(loaded, np.ndarray):
             rows, cols = np.nonzero(loaded)

@@ -31,7 +31,7 @@ class ListLoader:
 
 
 def old_dense_evaluation(model, loader, num_classes):
-    """The computation evaluation used to do: a dense C x C matrix filled on the device, and top-5 hits."""
+    """The dense computation: a C x C matrix filled with index_put_ on the device, and the top-5 hits."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5 = 0
     with torch.no_grad():

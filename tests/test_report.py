@@ -133,7 +133,7 @@ def test_read_run_gives_whole_blocks_from_the_file_that_keeps_per_class_once(tmp
         assert read["best"]["per_class"] == best["per_class"] and read["best"]["epoch"] == best["epoch"]
         assert read["final"]["label"] == "final epoch (epoch 10/10, test)" and read["best"]["selected_on"] == "val"
     assert read_run(tmp_path / "earlier")["best"]["per_class"] == [100.0, 0.0, 0.0]
-    # the layout before per_class was kept once: every block carried its own
+    # an older layout: every block carries its own per_class
     old = fake_run(tmp_path / "old", best={"epoch": 9})
     metrics = json.loads((old / "metrics.json").read_text())
     metrics["final"]["per_class"], metrics["best"]["per_class"] = [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]
