@@ -41,7 +41,7 @@ def test_evaluate_checkpoint_equals_the_runs_final_metrics(tiny_raw, trained_run
     assert Image.open(out / "per_class.png").text["Title"].startswith("test accuracy per class")
 
 
-def test_the_runs_confusion_file_is_the_dense_matrix_of_the_old_computation(tiny_raw, trained_run):
+def test_the_runs_confusion_file_is_the_dense_matrix_of_a_dense_computation(tiny_raw, trained_run):
     """confusion.npz of a training run, read back with numpy alone, equals the dense C x C matrix built with
     index_put_ into zeros for the run's final model on its test split."""
     import torch
