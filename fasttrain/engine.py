@@ -254,7 +254,7 @@ class Engine:
         self.last_metrics, self.last_confusion = metrics, confusion
         return metrics
 
-    def final_and_best(self) -> tuple[dict, "np.ndarray", dict | None]:
+    def final_and_best(self) -> tuple[dict, "Confusion", dict | None]:
         """The report split (test, else val) for the final model and for the best epoch's checkpoint (the
         epoch with the highest top-1 on the selection split). Leaves the final model in place."""
         last = self.cfg.epochs - 1
