@@ -32,14 +32,14 @@ def weights(run_dir):
 def test_run_writes_everything(tiny_raw, tmp_path):
     out = tmp_path / "run"
     assert run(tiny_raw, out) == "done"
-    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "confusion.npy", "per_class.png", "model.pt",
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "confusion.npz", "per_class.png", "model.pt",
                  "backbone.pt", "DONE", "checkpoints/last", "checkpoints/best"):
         assert (out / name).exists(), name
     m = json.loads((out / "metrics.json").read_text())
     assert {"top1", "top5", "many", "medium", "few", "per_class", "train_class_counts"} <= set(m)
     assert m["train_class_counts"] == [48, 24, 12, 6] and m["num_eval_images"] == 64
     assert m["many"] is None and m["medium"] is not None and m["few"] is not None  # counts 48/24 medium, 12/6 few
-    assert np.load(out / "confusion.npy").sum() == 64
+    assert np.load(out / "confusion.npz")["counts"].sum() == 64
     assert Config.load(out / "config.yaml").epochs == 4
     assert len(losses(out)) == 4 and all(np.isfinite(losses(out)))
 
