@@ -55,7 +55,6 @@ def importable(module: str) -> bool:
         return False
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_cpu_mode_runs_its_steps_and_writes_the_report(tmp_path):
     # generous limits: the step processes share two cores with everything else on this machine
     gpu_check.main(["--cpu", "--steps", "environment,cifar,sync", "--out-dir", str(tmp_path), "--budget", "600",

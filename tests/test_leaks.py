@@ -20,8 +20,6 @@ from fasttrain.engine import Engine
 
 from conftest import TINY_RUN, reset_accelerate
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 MATRIX = [   # (loader, config overrides)
     ("ffcv", {}),
     ("dali", {}),

@@ -21,8 +21,6 @@ from fasttrain.engine import Engine
 from conftest import TINY_RUN, reset_accelerate
 from sync_counter import SyncCounter
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 LOG_EVERY = 2
 BATCH = 16                        # 90 training images: 5 steps, log steps 1, 3 and 4 (the last)
 # The method matrix: one line of config overrides each ({joint} / {backbone}: files made by the fixtures).
