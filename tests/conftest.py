@@ -102,3 +102,44 @@ def launch_two_processes(script, *args, timeout=600) -> subprocess.CompletedProc
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+# ---------------------------------------------------------------- no silent skips in CI
+# With FASTTRAIN_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run unless its reason starts with one of
+# these: tests that need hardware CI does not have.
+ALLOWED_SKIPS = ("needs a CUDA device", "needs a GPU")
+_skips: list[tuple[str, str]] = []
+
+
+def _record_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skips.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def pytest_runtest_logreport(report):
+    _record_skip(report)
+
+
+def pytest_collectreport(report):
+    _record_skip(report)
+
+
+def _forbidden_skips() -> list[tuple[str, str]]:
+    if os.environ.get("FASTTRAIN_NO_SKIPS") != "1":
+        return []
+    return [(node, reason) for node, reason in _skips if not reason.startswith(ALLOWED_SKIPS)]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _forbidden_skips() and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    forbidden = _forbidden_skips()
+    if forbidden:
+        terminalreporter.section(f"{len(forbidden)} skipped test(s) not allowed in CI (tests/conftest.py, "
+                                 f"ALLOWED_SKIPS): the run fails", red=True)
+        for node, reason in forbidden:
+            terminalreporter.write_line(f"{node}: {reason}")

@@ -116,6 +116,12 @@ class FfcvLoader(LoaderBase):
             return [FlipNormalize(self.dataset.mean, self.dataset.std, view.flip, self.channels_last)]
         return [*([RandomHorizontalFlip()] if view.flip else []), ToTensor(), *to_device]
 
+    def close(self) -> None:
+        """Unmap the .beton file, which FFCV otherwise keeps mapped for the loader's whole life; the next epoch
+        maps it again. FFCV's epoch thread ends with its epoch (`_decoded` stops an epoch left early); numba's
+        worker threads are process-wide and stay."""
+        self.loader.memory_manager.context.mmap = None
+
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.loader.next_epoch = epoch
