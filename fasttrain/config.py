@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .methods import METHODS, check_method
+
 
 def opt(default, help: str, choices: tuple = ()):
     """A Config field with its one-line help for `--help` (and, for a fixed set of values, the choices shown
@@ -38,7 +40,7 @@ class Config:
     # data and run
     data: str = opt("", "dataset directory written by data_prep.convert")
     out: str = opt("", "run directory (config.yaml, metrics, checkpoints, model.pt)")
-    method: str = opt("supervised", "what is trained", ("supervised", "crt", "rotation", "moco"))
+    method: str = opt("supervised", "what is trained", tuple(METHODS))
     loader: str = opt("ffcv", "input pipeline", ("ffcv", "dali", "torch", "device"))
     workers: int = opt(0, "loader threads/processes; 0 = this process's share of the node's cores")
     train_split: str = opt("train", "split to train on")
@@ -209,9 +211,8 @@ class Config:
             if getattr(self, name) not in choices:
                 problems.append(f"{_flag(name)}: unknown {name.replace('_', ' ')} {getattr(self, name)!r}; "
                                 f"valid: {', '.join(choices)}")
-        from .methods import method_class
         try:
-            method_class(self.method)
+            check_method(self.method)
         except ValueError as e:  # "unknown method 'x'; valid methods: [...]" from the registry itself
             problems.append(f"--method: {e}")
         if problems:

@@ -4,15 +4,13 @@
     status = engine.fit()      # "done" | "stopped" (after --stop-after-epochs)
 
 Runs under `python` (one process, CPU or one GPU) and `accelerate launch` (N GPUs / machines).
-Checkpoints are `accelerator.save_state` directories written under a temporary name and renamed, so a
-run killed at any moment resumes from its last complete epoch (see `save_checkpoint`, `find_checkpoint`).
+The run directory and its checkpoints (written so that a run killed at any moment resumes from its last
+complete checkpoint) are fasttrain/checkpoints.py's; the engine saves, finds and restores through it.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import tracking
-from .config import Config, ConfigError
+from .checkpoints import Checkpoints, check_run_dir
+from .config import Config
 from .data import build_loader
 from .dataset import DatasetDir, DatasetError
 from .evaluate import evaluate, results_table, write_report
@@ -31,18 +30,6 @@ from .methods import method_class
 from .models import load_pretrained
 from .models.checkpoint import bare_model, save_backbone
 from .runtime import configure_math, configure_threads, sync_batchnorm
-
-CHECKPOINT_FORMAT = 1
-STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory holding it is complete
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be resumed from (corrupt, truncated, made for another model); names the file."""
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be written (read-only, disk full); says what survived and how to continue."""
-
 
 class Engine:
     def __init__(self, cfg: Config):
@@ -58,6 +45,7 @@ class Engine:
         acc = self.accelerator
         self.device = acc.device
         self.is_main = acc.is_main_process
+        self.checkpoints = Checkpoints(self.run_dir, acc)
         if cfg.batch_size % acc.num_processes:
             raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                              f"{acc.num_processes} processes")
@@ -146,17 +134,7 @@ class Engine:
         if cfg.resume:
             self.resume()  # reads only: a checkpoint that cannot be resumed is an error before anything is written
         first = self.state["epoch"]
-        error = None
-        if self.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                cfg.save(self.run_dir / "config.yaml")
-                trim_metrics(self.run_dir / "metrics.jsonl", first, self.state["step"])
-            except OSError as e:
-                error = self.io_error(e, self.run_dir)
-        error = self.first_error(error)
-        if error:
-            raise RunDirError(error)
+        self.checkpoints.begin(cfg, first, self.state["step"])
         tracking.start(acc, cfg, self.trackers, self.state["step"])
         self.log(f"{cfg.method} | {cfg.arch} | {acc.num_processes} process(es) on {self.device} | "
                  f"{len(self.train_loader)} batches/epoch | epochs {first}..{cfg.epochs - 1} | loader {cfg.loader}")
@@ -267,104 +245,31 @@ class Engine:
             best = dict(final)
             self.save_best_backbone()
         else:
-            checkpoints = self.run_dir / "checkpoints"
-            self.accelerator.load_state(str(checkpoints / "best"))
+            self.checkpoints.load("best")
             best = self.evaluate(best_epoch, self.report_split)
             self.save_best_backbone()
-            self.accelerator.load_state(str(checkpoints / "last"))
+            self.checkpoints.load("last")
         return final, confusion, best | {"selected_on": self.eval_split, "selection_top1": self.state["best_top1"]}
 
     # ------------------------------------------------------------------------------------------
     def write_jsonl(self, record: dict) -> None:
         """One line per epoch, appended before that epoch's checkpoint; `trim_metrics` drops it again when a
         run resumes from an earlier checkpoint, so no epoch is ever listed twice."""
-        if self.is_main:
-            try:
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                raise RunDirError(self.io_error(e, self.run_dir / "metrics.jsonl")) from None
+        self.checkpoints.append_metrics(record, self.state["epoch"])
 
     def save_checkpoint(self, name: str) -> None:
-        """Write checkpoints/NAME so that a kill at any instant leaves a complete checkpoint to resume from:
-        1. every rank: `save_state` into `.NAME.tmp` (removed first if a kill left one);
-        2. main: fsync, then `trainer_state.json` (temp name + rename), which marks the directory complete;
-        3. main: NAME -> `.NAME.old`, `.NAME.tmp` -> NAME, remove `.NAME.old` (its trainer_state.json first).
-        Between the renames only `.NAME.old` and `.NAME.tmp` exist; `find_checkpoint` takes the newest complete
-        one. A failed write (full disk) raises RunDirError on every rank and leaves NAME as it was."""
-        acc = self.accelerator
-        ckdir = self.run_dir / "checkpoints"
-        final, tmp = ckdir / name, ckdir / f".{name}.tmp"
-        error = None
-        try:
-            if self.is_main:
-                remove_checkpoint(tmp)
-            acc.wait_for_everyone()
-            acc.save_state(str(tmp))
-        except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as SafetensorError
-            error = _one_line(e)
-        error = self.first_error(error)  # every rank has written its part (or some rank failed)
-        if error is None and self.is_main:
-            try:
-                fsync_tree(tmp)
-                write_atomic(tmp / STATE_FILE, json.dumps(self.state | {"format": CHECKPOINT_FORMAT}))
-                promote_checkpoint(tmp, final)
-            except Exception as e:
-                error = _one_line(e)
-        error = self.first_error(error)
-        acc.wait_for_everyone()
-        if error is not None:
-            if self.is_main:
-                try:
-                    remove_checkpoint(tmp)  # the half-written one; NAME is untouched
-                except OSError:
-                    pass
-            kept = (f"checkpoints/{name} still holds the previous complete checkpoint"
-                    if (final / STATE_FILE).exists() else f"no complete checkpoints/{name} was written yet")
-            raise RunDirError(f"could not write checkpoint {tmp} after epoch {self.state['epoch']}: {error}"
-                              f"{_free_space(ckdir)}; {kept}. Fix this, then continue with --resume {self.run_dir}")
-
-    def first_error(self, error: str | None) -> str | None:
-        """The first rank's error message, on every rank (a collective: no rank is left waiting at a barrier)."""
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-            error = next((e for e in gather_object([error]) if e), None)
-        return error
-
-    def io_error(self, e: OSError, path: Path) -> str:
-        where = e.filename or path
-        done = self.state["epoch"]
-        tail = (f"{self.run_dir} keeps its last complete checkpoint (after {done} epoch(s)): fix this, then continue "
-                f"with --resume {self.run_dir}" if (self.run_dir / "checkpoints").exists()
-                else "choose another --out or fix its permissions / free space")
-        return f"cannot write {where}: {e.strerror or e}; {tail}"
+        """checkpoints/NAME with the engine's state (see fasttrain/checkpoints.py for how it is written)."""
+        self.checkpoints.save(name, self.state)
 
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint (`find_checkpoint`); a corrupt one is a CheckpointError
-        naming the file and the other checkpoints there are. After every rank has loaded, the main process
-        makes the one it resumed from `checkpoints/last` and removes leftovers of an interrupted save."""
-        acc, ckdir = self.accelerator, self.run_dir / "checkpoints"
-        ckpt, state = find_checkpoint(ckdir, "last")
-        if ckpt is None:
+        """Continue from the newest complete checkpoint; a corrupt one is a CheckpointError naming the file and
+        the other checkpoints there are (fasttrain/checkpoints.py)."""
+        restored = self.checkpoints.restore(self.accelerator.unwrap_model(self.model), self.cfg.data)
+        if restored is None:
             self.log(f"--resume {self.run_dir}: no complete checkpoint yet; starting at epoch 0")
             return
-        try:
-            check_checkpoint_shapes(ckpt, acc.unwrap_model(self.model), self.cfg.data)
-            acc.load_state(str(ckpt))
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot resume {self.run_dir} from {ckpt}: {damaged_file(ckpt) or _one_line(e)}. "
-                                  + alternatives(self.run_dir, ckpt)) from e
-        self.state.update({k: v for k, v in state.items() if k != "format"})
-        acc.wait_for_everyone()
-        if self.is_main:
-            try:
-                promote_checkpoint(ckpt, ckdir / "last")
-                tidy_checkpoints(ckdir)
-            except OSError as e:
-                raise RunDirError(self.io_error(e, ckdir)) from None
-        acc.wait_for_everyone()
+        ckpt, state = restored
+        self.state.update(state)
         self.log(f"resumed {self.run_dir} at epoch {self.state['epoch']} (step {self.state['step']})"
                  + (f" from {ckpt.name} (a save was interrupted)" if ckpt.name != "last" else ""))
 
@@ -439,186 +344,6 @@ def lr_at(cfg: Config, epoch: int, step: int = 0, steps: int = 1) -> float:
     if cfg.schedule == "constant":
         return base
     raise ValueError(f"unknown --schedule {cfg.schedule!r}; valid: step, cosine, constant")
-
-def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Refuse, before anything is written, a launch that would change an existing run: `--out` on a folder
-    that holds a run, or `--resume` with other settings than the run's config.yaml."""
-    started = (run_dir / "checkpoints").exists() or (run_dir / "DONE").exists()
-    if started and not cfg.resume:
-        raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                              f"or choose a new --out")
-    saved = run_dir / "config.yaml"
-    if cfg.resume and saved.is_file():
-        changed = cfg.changed_from(Config.load(saved))
-        if changed:
-            raise ConfigError(f"--resume {run_dir}: cannot change {changed} of a saved run (see {saved}); "
-                              f"start a new run directory instead")
-
-
-def read_state(ckpt: Path) -> dict | None:
-    """The checkpoint's trainer_state.json, or None when the directory is incomplete (no such file)."""
-    path = ckpt / STATE_FILE
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({_one_line(e)}). "
-                              + alternatives(ckpt.parent.parent, ckpt)) from None
-    if not isinstance(state, dict) or "epoch" not in state:
-        raise CheckpointError(f"{path} is not a fasttrain trainer state. " + alternatives(ckpt.parent.parent, ckpt))
-    return state
-
-
-def find_checkpoint(ckdir: Path, name: str) -> tuple[Path | None, dict]:
-    """The newest complete checkpoint of NAME: NAME itself, or - after a kill inside save_checkpoint -
-    `.NAME.tmp` (saved, not yet renamed) or `.NAME.old` (the previous one, moved aside). Ties go to NAME."""
-    best, best_state = None, {}
-    for ckpt in (ckdir / name, ckdir / f".{name}.tmp", ckdir / f".{name}.old"):
-        state = read_state(ckpt) if ckpt.is_dir() else None
-        if state is not None and (best is None or (state["epoch"], state.get("step", 0))
-                                  > (best_state["epoch"], best_state.get("step", 0))):
-            best, best_state = ckpt, state
-    return best, best_state
-
-
-def remove_checkpoint(ckpt: Path) -> None:
-    """trainer_state.json first, so a kill during the removal never leaves a directory that looks complete."""
-    if not ckpt.exists():
-        return
-    (ckpt / STATE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(ckpt)
-
-
-def promote_checkpoint(src: Path, final: Path) -> None:
-    """Make the complete checkpoint `src` the one named `final`, with atomic renames only (main process)."""
-    if src == final:
-        return
-    old = final.with_name(f".{final.name}.old")
-    if src == old:  # final is missing: a kill came between the two renames and no newer save completed
-        remove_checkpoint(final)
-        old.rename(final)
-        return
-    if final.exists():
-        remove_checkpoint(old)
-        final.rename(old)
-    src.rename(final)
-    remove_checkpoint(old)
-
-
-def tidy_checkpoints(ckdir: Path) -> None:
-    """After resuming: each checkpoint family (last, best) back to one complete directory under its name."""
-    for name in ("last", "best"):
-        ckpt, _ = find_checkpoint(ckdir, name)
-        if ckpt is not None:
-            promote_checkpoint(ckpt, ckdir / name)
-        for leftover in (ckdir / f".{name}.tmp", ckdir / f".{name}.old"):
-            remove_checkpoint(leftover)
-
-
-def damaged_file(ckpt: Path) -> str | None:
-    """Which file of a checkpoint is empty, truncated or unreadable (only called after loading failed)."""
-    for path in sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != STATE_FILE):
-        if path.stat().st_size == 0:
-            return f"{path} is empty"
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                load_file(str(path))
-            elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
-                torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            return f"{path} is truncated or corrupt ({_one_line(e)})"
-    return None
-
-
-def alternatives(run_dir: Path, broken: Path) -> str:
-    """What the user can do instead: the other complete checkpoints of the run, or starting over."""
-    others = []
-    for ckpt in sorted((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else []:
-        if ckpt != broken and ckpt.is_dir():
-            try:
-                state = read_state(ckpt)
-            except CheckpointError:
-                state = None
-            if state is not None:
-                others.append(f"{ckpt} (after {state['epoch']} epoch(s)): `rm -r {broken} && cp -r {ckpt} "
-                              f"{broken}`, then --resume {run_dir} again")
-    keep = f"To continue from {'; or from '.join(others)}; or" if others else "No other complete checkpoint is there;"
-    return f"{keep} start over with a new --out (or delete {run_dir})"
-
-
-def trim_metrics(path: Path, epoch: int, step: int) -> None:
-    """Keep only metrics.jsonl lines from before `epoch` (after a resume from an earlier checkpoint, or a
-    fresh start); also drops a line cut short by a kill. Rewritten via temp name + rename."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("epoch", -1) < epoch and ("epoch" in record or record.get("step", 0) <= step):
-            keep.append(line)
-    if keep != lines:
-        write_atomic(path, "".join(f"{line}\n" for line in keep))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush a freshly written checkpoint to disk before it is marked complete."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _free_space(path: Path) -> str:
-    try:
-        probe = next(p for p in (path, *path.parents) if p.exists())
-        return f" ({shutil.disk_usage(probe).free / 2 ** 20:.1f} MiB free on {probe})"
-    except (OSError, StopIteration):
-        return ""
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
-
-
-def check_checkpoint_shapes(ckpt: Path, model: torch.nn.Module, data: str) -> None:
-    """A clear error (not a wall of size-mismatch text) when a checkpoint does not fit this model/data."""
-    files = sorted(ckpt.glob("model*.safetensors")) or sorted(ckpt.glob("pytorch_model*.bin"))
-    if not files:
-        raise CheckpointError(f"{ckpt}: no model weights in the checkpoint. " + alternatives(ckpt.parent.parent, ckpt))
-    if files[0].suffix == ".safetensors":
-        from safetensors.torch import load_file
-        saved = load_file(str(files[0]))
-    else:
-        saved = torch.load(files[0], map_location="cpu", weights_only=True)
-    expected = model.state_dict()
-    bad = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in saved.items()
-           if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if bad:
-        key, got, want = next(((k, g, w) for k, g, w in bad if k.startswith("fc")), bad[0])
-        hint = (f"the checkpoint's classifier has {got[0]} classes but the data in {data} has {want[0]}"
-                if key.startswith("fc") else "the checkpoint was made with a different architecture")
-        raise CheckpointError(f"cannot resume from {ckpt}: {key} has shape {got}, this model needs {want} "
-                              f"({hint}); use a new --out directory or the matching --data")
-
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     """SGD (fused where the device supports it); NVIDIA apex LAMB/LARS only when installed and asked for."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fasttrain.config import Config, ConfigError
-from fasttrain.engine import CheckpointError, RunDirError
+from fasttrain.checkpoints import CheckpointError, RunDirError
 
 from conftest import REPO, fit
 
