@@ -13,6 +13,13 @@ gradient scaler) and `trainer_state.json` (the engine's state: epoch, step, best
 `trainer_state.json` is written last: a directory that holds it is complete, one without it is never
 resumed from, and removing a checkpoint deletes it first.
 
+Checkpoints are written at the end of an epoch (`epoch` = epochs done) and, when a signal stops the run,
+inside one (fasttrain/stopping.py): then `epoch` is the epoch in progress, trainer_state.json also holds
+`batch` (its batches done) and `processes`, and every rank writes `progress_rank{R}.pt` (fsynced) next to its
+save_state files: the epoch's running metric sums and, with several processes, its BatchNorm statistics, so
+the resumed epoch ends exactly as an uninterrupted one. Such a checkpoint resumes only with the same number
+of processes (each rank's share of the epoch depends on it).
+
 Saving checkpoints/NAME (`Checkpoints.save`), step by step, and what a kill after each step leaves:
   1. main: a `.NAME.tmp` left by an earlier kill is removed.        NAME (+ perhaps an incomplete .tmp)
   2. every rank: `save_state` into `.NAME.tmp`.                     NAME, an incomplete .NAME.tmp
@@ -93,8 +100,9 @@ class Checkpoints:
             except OSError as e:
                 raise RunDirError(self.io_error(e, self.run_dir / "metrics.jsonl", epochs_done)) from None
 
-    def save(self, name: str, state: dict) -> None:
-        """Write checkpoints/NAME holding `state` (steps 1-6 of the module docstring)."""
+    def save(self, name: str, state: dict, rank_progress: dict | None = None) -> None:
+        """Write checkpoints/NAME holding `state` (steps 1-6 of the module docstring); inside an epoch, every
+        rank's `rank_progress` too (written in step 2)."""
         acc = self.accelerator
         final, tmp = self.dir / name, self.dir / f".{name}.tmp"
         error = None
@@ -103,6 +111,11 @@ class Checkpoints:
                 remove_checkpoint(tmp)
             acc.wait_for_everyone()
             acc.save_state(str(tmp))
+            if rank_progress is not None:
+                with open(tmp / progress_file(acc.process_index), "wb") as f:
+                    torch.save(rank_progress, f)
+                    f.flush()
+                    os.fsync(f.fileno())
         except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as SafetensorError
             error = one_line(e)
         error = self.first_error(error)  # every rank has written its part (or some rank failed)
@@ -126,16 +139,25 @@ class Checkpoints:
             raise RunDirError(f"could not write checkpoint {tmp} after epoch {state['epoch']}: {error}"
                               f"{free_space(self.dir)}; {kept}. Fix this, then continue with --resume {self.run_dir}")
 
-    def restore(self, model: torch.nn.Module, data: str) -> tuple[Path, dict] | None:
+    def restore(self, model: torch.nn.Module, data: str) -> tuple[Path, dict, dict | None] | None:
         """Load the newest complete `last` checkpoint into the accelerator's objects; returns the directory it
-        came from (before it was promoted to `last`) and its state, or None when there is none yet."""
+        came from (before it was promoted to `last`), its state and, for one written inside an epoch, this
+        rank's progress; None when there is no complete checkpoint yet."""
         acc = self.accelerator
         ckpt, state = find_checkpoint(self.dir, "last")
         if ckpt is None:
             return None
+        processes = state.get("processes", acc.num_processes)
+        if processes != acc.num_processes:
+            raise CheckpointError(f"{ckpt} was written inside epoch {state['epoch']} (after batch {state['batch']}) "
+                                  f"by {processes} process(es); each process's share of the epoch depends on their "
+                                  f"number: resume with {processes} (this launch has {acc.num_processes})")
+        progress = None
         try:
             check_checkpoint_shapes(ckpt, model, data)
             acc.load_state(str(ckpt))
+            if "batch" in state:
+                progress = torch.load(ckpt / progress_file(acc.process_index), map_location="cpu", weights_only=True)
         except CheckpointError:
             raise
         except Exception as e:
@@ -149,7 +171,15 @@ class Checkpoints:
             except OSError as e:
                 raise RunDirError(self.io_error(e, self.dir, state["epoch"])) from None
         acc.wait_for_everyone()
-        return ckpt, {k: v for k, v in state.items() if k != "format"}
+        return ckpt, {k: v for k, v in state.items() if k != "format"}, progress
+
+    def describe_last(self) -> str:
+        """Where the run can continue from: checkpoints/last and its epoch and step, for messages."""
+        ckpt, state = find_checkpoint(self.dir, "last")
+        if ckpt is None:
+            return "no checkpoint was written yet"
+        inside = f", batch {state['batch']}" if "batch" in state else ""
+        return f"the last checkpoint is {ckpt} (epoch {state['epoch']}{inside}, step {state.get('step', 0)})"
 
     def load(self, name: str) -> None:
         """Load checkpoints/NAME (complete by construction) into the accelerator's objects."""
@@ -168,6 +198,10 @@ class Checkpoints:
                 f"continue with --resume {self.run_dir}" if self.dir.exists()
                 else "choose another --out or fix its permissions / free space")
         return f"cannot write {where}: {e.strerror or e}; {tail}"
+
+
+def progress_file(rank: int) -> str:
+    return f"progress_rank{rank}.pt"
 
 
 def check_run_dir(run_dir: Path, cfg: Config) -> None:

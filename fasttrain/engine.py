@@ -1,11 +1,12 @@
 """The training engine: one loop for every method (supervised, cRT, rotation, MoCo).
 
     engine = Engine(cfg)       # accelerator, data, method, model, optimiser, loaders
-    status = engine.fit()      # "done" | "stopped" (after --stop-after-epochs)
+    status = engine.fit()      # "done" | "stopped" (after --stop-after-epochs) | "interrupted" (SIGTERM/SIGUSR1)
 
 Runs under `python` (one process, CPU or one GPU) and `accelerate launch` (N GPUs / machines).
 The run directory and its checkpoints (written so that a run killed at any moment resumes from its last
 complete checkpoint) are fasttrain/checkpoints.py's; the engine saves, finds and restores through it.
+Signals and a non-finite loss stop the loop after a step (fasttrain/stopping.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .methods import method_class
 from .models import load_pretrained
 from .models.checkpoint import bare_model, save_backbone
 from .runtime import configure_math, configure_threads, sync_batchnorm
+from .stopping import Diverged, StopRequests
 
 class Engine:
     def __init__(self, cfg: Config):
@@ -46,6 +48,7 @@ class Engine:
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.checkpoints = Checkpoints(self.run_dir, acc)
+        self.stop = StopRequests(acc.num_processes, watch_loss=cfg.nonfinite_loss == "stop")
         if cfg.batch_size % acc.num_processes:
             raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                              f"{acc.num_processes} processes")
@@ -88,6 +91,7 @@ class Engine:
         self.method.setup(self)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
         self.state = {"epoch": 0, "step": 0, "best_top1": None, "best_epoch": None}
+        self.partial_epoch: dict | None = None  # resumed inside an epoch: its first batch and running sums
 
     # ------------------------------------------------------------------------------------------
     def build_loader(self, split: str, *, views, train: bool, sampler: str = "uniform", batch_size: int | None = None,
@@ -119,10 +123,11 @@ class Engine:
                 loader.close()
 
     def fit(self) -> str:
-        """Train from the start or the resumed epoch to the end (or --stop-after-epochs); the loaders are
-        closed when it returns or fails."""
+        """Train from the start or the resumed step to the end (or --stop-after-epochs, or a signal); the
+        loaders are closed when it returns or fails."""
         try:
-            return self._fit()
+            with self.stop.catching_signals():
+                return self._fit()
         finally:
             self.close()
 
@@ -139,13 +144,17 @@ class Engine:
         self.log(f"{cfg.method} | {cfg.arch} | {acc.num_processes} process(es) on {self.device} | "
                  f"{len(self.train_loader)} batches/epoch | epochs {first}..{cfg.epochs - 1} | loader {cfg.loader}")
         for epoch in range(first, cfg.epochs):
-            logs = self.train_epoch(epoch)
+            logs = self.train_epoch(epoch, **(self.partial_epoch or {}))
+            self.partial_epoch = None
+            if logs is None:                    # a signal: checkpoint written at the step
+                tracking.finish(acc)
+                return "interrupted"
             last = epoch == cfg.epochs - 1
             if self.eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
                 metrics = self.evaluate(epoch)
                 logs.update({f"eval_{k}": metrics[k] for k in ("split", "top1", "top5", "many", "medium", "few")})
                 best = self.state["best_top1"]
-                if best is None or metrics["top1"] > best:
+                if (best is None or metrics["top1"] > best) and math.isfinite(logs["loss"]):
                     self.state.update(best_top1=metrics["top1"], best_epoch=epoch)
                     self.state["epoch"] = epoch + 1
                     self.save_checkpoint("best")
@@ -153,6 +162,10 @@ class Engine:
             self.track(tracking.epoch_values(logs, epoch), self.state["step"])
             self.write_jsonl(logs | {"epoch": epoch})
             self.save_checkpoint("last")
+            if self.stop.settle() == "signal":  # it came during the evaluation or the save
+                self.log_interrupted(epoch + 1, 0)
+                tracking.finish(acc)
+                return "interrupted"
             if cfg.stop_after_epochs and epoch + 1 - first >= cfg.stop_after_epochs and not last:
                 self.log(f"stopped after {cfg.stop_after_epochs} epoch(s) at epoch {epoch + 1}/{cfg.epochs}; "
                          f"continue with --resume {self.run_dir}")
@@ -161,16 +174,18 @@ class Engine:
         self.finish()
         return "done"
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, first_batch: int = 0, sums: dict | None = None) -> dict | None:
+        """One epoch (from `first_batch` on, with the running `sums` of the batches before, when resumed inside
+        it). Returns the epoch's means; None when a signal stopped the run (checkpoint written at the step)."""
         cfg, acc, model = self.cfg, self.accelerator, self.model
-        self.train_loader.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch, first_batch)
         self.method.train_mode(model)
         n = len(self.train_loader)
-        sums: dict[str, torch.Tensor] = {}
-        images, t0 = 0, time.perf_counter()
-        bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.is_main, leave=False,
-                   dynamic_ncols=True)
-        for i, batch in enumerate(self.train_loader):
+        sums: dict[str, torch.Tensor] = dict(sums or {})
+        images, t0, stop = 0, time.perf_counter(), None
+        bar = tqdm(total=n, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.is_main,
+                   leave=False, dynamic_ncols=True)
+        for i, batch in enumerate(self.train_loader, start=first_batch):
             lr = self.lr_at(epoch, i)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -187,17 +202,44 @@ class Engine:
             images += self.per_process_batch
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
                 loss_so_far = (sums['loss'] / (i + 1)).item()
+                self.stop.saw_loss(loss_so_far)
                 bar.set_postfix(loss=f"{loss_so_far:.4f}", lr=f"{lr:.4g}")
                 self.track({"train/loss": loss_so_far, "train/lr": lr}, self.state["step"])
             bar.update(1)
+            if acc.sync_gradients and (reason := self.stop.poll()):
+                stop = (i + 1, reason)
+                break
+        else:
+            if reason := self.stop.settle():    # the flags of the epoch's last step, on every rank
+                stop = (n, reason)
         bar.close()
+        if stop:
+            self.stop_inside_epoch(epoch, *stop, sums)
+            return None
         self.sync_buffers()
         seconds = time.perf_counter() - t0
         totals = torch.stack(list(sums.values())) / n                 # one read-back per epoch
         means = dict(zip(sums, (acc.reduce(totals, "mean") if acc.num_processes > 1 else totals).tolist()))
-        means.update(lr=lr, seconds=seconds, train_images_per_s=images * acc.num_processes / seconds)
+        means.update(lr=self.lr_at(epoch, n - 1), seconds=seconds,
+                     train_images_per_s=images * acc.num_processes / seconds)
         self.log(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items()))
         return means
+
+    def stop_inside_epoch(self, epoch: int, batch: int, reason: str, sums: dict) -> None:
+        """A non-finite loss: Diverged, nothing saved. A signal: checkpoints/last at this step, one line."""
+        if reason == "nonfinite":
+            raise Diverged(f"the training loss is not finite at epoch {epoch} (step {self.state['step']}, batch "
+                           f"{batch} of {len(self.train_loader)}, lr {self.lr_at(epoch, batch - 1):.6g}); stopped: "
+                           f"{self.checkpoints.describe_last()}. Lower --lr (a new --out), or --nonfinite-loss "
+                           f"continue to train on")
+        self.save_checkpoint("last", batch=batch, sums=sums)
+        self.log_interrupted(epoch, batch)
+
+    def log_interrupted(self, epoch: int, batch: int) -> None:
+        inside = f", batch {batch} of {len(self.train_loader)}" if batch else ""
+        self.log(f"{self.stop.signal_name()}: stopped at epoch {epoch} (step {self.state['step']}){inside}; "
+                 f"checkpoints/last holds this step; continue with --resume {self.run_dir} (a chain: the same "
+                 f"command)")
 
     def sync_buffers(self) -> None:
         """Average the BatchNorm running statistics over ranks. DDP only broadcasts rank 0's
@@ -205,11 +247,16 @@ class Engine:
         this, each rank would evaluate its part of the test set with a slightly different model."""
         if self.accelerator.num_processes == 1:
             return
-        for module in self.accelerator.unwrap_model(self.model).modules():
+        for _, buffer in self.batchnorm_statistics():
+            torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+            buffer /= self.accelerator.num_processes
+
+    def batchnorm_statistics(self):
+        """(name, tensor) of every BatchNorm running mean and variance: each rank's own inside an epoch."""
+        for name, module in self.accelerator.unwrap_model(self.model).named_modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                for buffer in (module.running_mean, module.running_var):
-                    torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
-                    buffer /= self.accelerator.num_processes
+                yield f"{name}.running_mean", module.running_mean
+                yield f"{name}.running_var", module.running_var
 
     def evaluate(self, epoch: int, split: str | None = None) -> dict:
         """Classification metrics of the current model on `split` (default: the selection split)."""
@@ -257,9 +304,14 @@ class Engine:
         run resumes from an earlier checkpoint, so no epoch is ever listed twice."""
         self.checkpoints.append_metrics(record, self.state["epoch"])
 
-    def save_checkpoint(self, name: str) -> None:
-        """checkpoints/NAME with the engine's state (see fasttrain/checkpoints.py for how it is written)."""
-        self.checkpoints.save(name, self.state)
+    def save_checkpoint(self, name: str, batch: int = 0, sums: dict | None = None) -> None:
+        """checkpoints/NAME with the engine's state (see fasttrain/checkpoints.py for how it is written). Inside
+        an epoch (`batch` > 0) also the batch and, per rank, the running `sums` and BatchNorm statistics."""
+        if not batch:
+            return self.checkpoints.save(name, self.state)
+        statistics = {k: v.clone() for k, v in self.batchnorm_statistics()} if self.accelerator.num_processes > 1 else {}
+        self.checkpoints.save(name, self.state | {"batch": batch, "processes": self.accelerator.num_processes},
+                              rank_progress={"sums": sums, "batchnorm": statistics})
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint; a corrupt one is a CheckpointError naming the file and
@@ -268,9 +320,18 @@ class Engine:
         if restored is None:
             self.log(f"--resume {self.run_dir}: no complete checkpoint yet; starting at epoch 0")
             return
-        ckpt, state = restored
+        ckpt, state, progress = restored
+        batch = state.pop("batch", 0)
+        state.pop("processes", None)
         self.state.update(state)
+        if batch:
+            for name, buffer in self.batchnorm_statistics():
+                if name in progress["batchnorm"]:
+                    buffer.copy_(progress["batchnorm"][name])
+            self.partial_epoch = {"first_batch": batch,
+                                  "sums": {k: v.to(self.device) for k, v in progress["sums"].items()}}
         self.log(f"resumed {self.run_dir} at epoch {self.state['epoch']} (step {self.state['step']})"
+                 + (f", batch {batch} of {len(self.train_loader)}" if batch else "")
                  + (f" from {ckpt.name} (a save was interrupted)" if ckpt.name != "last" else ""))
 
     def save_best_backbone(self) -> None:
