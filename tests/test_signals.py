@@ -90,7 +90,8 @@ def assert_same_run(run_dir, straight):
     assert without_timing(run_dir) == without_timing(straight)     # every epoch once, the same values
     for k, v in weights(straight).items():
         assert torch.equal(v, weights(run_dir)[k]), k
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "last"]
+    names = [sorted(p.name for p in (r / "checkpoints").iterdir()) for r in (run_dir, straight)]
+    assert names[0] == names[1] and names[0] in (["best", "last"], ["last"])     # no leftovers
 
 
 def trainer_state(run_dir):
@@ -104,12 +105,13 @@ def straight(tiny_raw, tmp_path_factory):
     return out
 
 
-def signal_at(monkeypatch, sig, epoch, batch=None):
+def signal_at(monkeypatch, sig, epoch, batch=None, method=None):
     """Send `sig` to this process while batch `batch` of `epoch` computes its loss (None: while `epoch` is
     evaluated, i.e. after its last step)."""
     from fasttrain.engine import Engine
     from fasttrain.methods.supervised import Supervised
-    real_loss, real_evaluate, calls = Supervised.loss, Engine.evaluate, {}
+    method = method or Supervised
+    real_loss, real_evaluate, calls = method.loss, Engine.evaluate, {}
 
     def loss(self, model, batch_, epoch_):
         calls[epoch_] = calls.get(epoch_, 0) + 1
@@ -122,9 +124,9 @@ def signal_at(monkeypatch, sig, epoch, batch=None):
             os.kill(os.getpid(), sig)
         return real_evaluate(self, epoch_, split)
 
-    monkeypatch.setattr(Supervised, "loss", loss)
+    monkeypatch.setattr(method, "loss", loss)
     monkeypatch.setattr(Engine, "evaluate", evaluate)
-    return lambda: (monkeypatch.setattr(Supervised, "loss", real_loss),
+    return lambda: (monkeypatch.setattr(method, "loss", real_loss),
                     monkeypatch.setattr(Engine, "evaluate", real_evaluate))
 
 
@@ -155,6 +157,21 @@ def test_signal_then_resume_equals_the_straight_run(tiny_raw, straight, tmp_path
     inside = f", batch {stop_batch} of 5" if stop_batch else ""
     assert f"resumed {out} at epoch {stop_epoch} (step {stop_step}){inside}\n" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text().splitlines()[:stop_epoch] == before   # kept, not rewritten
+    assert_same_run(out, straight)
+
+
+def test_moco_signalled_inside_an_epoch_resumes_like_a_straight_run(tiny_raw, tmp_path, monkeypatch, capsys):
+    """The queue, its pointer, the key encoder and the shuffling-BN randomness continue as if never stopped."""
+    from fasttrain.methods.moco import MoCo
+    moco = dict(method="moco", moco_dim=8, moco_queue=64, moco_shuffle_groups=2, epochs=2)
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert fit(tiny_raw, straight, **moco) == "done"
+    restore = signal_at(monkeypatch, signal.SIGTERM, 1, 1, method=MoCo)
+    assert fit(tiny_raw, out, **moco) == "interrupted"
+    restore()
+    capsys.readouterr()
+    assert fit(tiny_raw, out, resume=str(out), **moco) == "done"
+    assert resumed_at(capsys.readouterr().out, out) == (1, 7, 2, "last")
     assert_same_run(out, straight)
 
 
