@@ -108,6 +108,17 @@ def mark_metrics(run_dir) -> list[str]:
     return [line for line in lines if line.endswith('"kept": true}')]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Runs compared bit for bit need the same number of torch threads: with OMP_NUM_THREADS set, the engine
+    keeps the process's count, which an FFCV loader of an earlier test (workers=2) changes."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield

@@ -13,6 +13,8 @@ from fasttrain.stopping import Diverged
 
 from conftest import REPO, fit
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")    # exact floats: the same thread count every time
+
 # lr 1e-6 for epoch 0 (which ends below chance: top-1 21.9 < 25), 1e9 from epoch 1 on: the loss overflows to
 # NaN at its 4th step (seed 2); log steps every 2 steps and at the end of each 5-step epoch
 DIVERGING = dict(epochs=3, lr=1e-6, schedule="step", milestone_epochs=[1], milestone_factors=[1e15], log_every=2,

@@ -19,7 +19,8 @@ from fasttrain.data import augment as A
 from conftest import REPO, fit, reset_accelerate, resumed_at
 from test_loaders import assert_same_batches, jpeg, loader, raw  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ---------------------------------------------------------------- loaders: an epoch from batch k
@@ -101,6 +102,7 @@ def trainer_state(run_dir):
 @pytest.fixture(scope="module")
 def straight(tiny_raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("signals") / "straight"
+    torch.set_num_threads(1)                       # made before one_torch_thread (conftest) runs
     assert fit(tiny_raw, out, **RUN) == "done"
     return out
 
