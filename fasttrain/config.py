@@ -170,7 +170,8 @@ class Config:
         floats = {f.name for f in fields(self) if isinstance(f.default, float)}
         lists = {f.name for f in fields(self) if f.default_factory is not dataclasses.MISSING}  # of numbers
         values = {k: _float_or_same(v) if k in floats else
-                  [_float_or_same(x) for x in v] if k in lists and isinstance(v, list) else v for k, v in values.items()}
+                  [_float_or_same(x) for x in v] if k in lists and isinstance(v, list) else v
+                  for k, v in values.items()}
         return dataclasses.replace(self, **values)
 
     def changed_from(self, saved: "Config") -> list[str]:

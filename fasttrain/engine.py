@@ -309,7 +309,8 @@ class Engine:
         an epoch (`batch` > 0) also the batch and, per rank, the running `sums` and BatchNorm statistics."""
         if not batch:
             return self.checkpoints.save(name, self.state)
-        statistics = {k: v.clone() for k, v in self.batchnorm_statistics()} if self.accelerator.num_processes > 1 else {}
+        several = self.accelerator.num_processes > 1
+        statistics = {k: v.clone() for k, v in self.batchnorm_statistics()} if several else {}
         self.checkpoints.save(name, self.state | {"batch": batch, "processes": self.accelerator.num_processes},
                               rank_progress={"sums": sums, "batchnorm": statistics})
 

@@ -86,4 +86,5 @@ def test_a_recipe_exits_3_with_one_line(tiny_raw, tmp_path, capsys):
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert e.value.code == 3 and "Traceback" not in err and errors == [err.splitlines()[-1]]
     assert errors[0].startswith("error: the training loss is not finite at epoch 1 (step ")
-    assert f"lr 1e+09); stopped: the last checkpoint is {tmp_path / 'run'}/checkpoints/last (epoch 1, step 5)" in errors[0]
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert f"lr 1e+09); stopped: the last checkpoint is {last} (epoch 1, step 5)" in errors[0]
