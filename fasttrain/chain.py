@@ -56,14 +56,22 @@ def parser(description: str, defaults=None, epilog: str | None = None) -> argpar
 
 
 def user_errors(main):
-    """Configuration and data mistakes end a recipe with one clear line (exit code 2), not a traceback."""
+    """Configuration and data mistakes end a recipe with one clear line (exit code 2), not a traceback; so does
+    a diverged run (exit code 3). A run stopped by SIGTERM / SIGUSR1 exits with 75 (fasttrain/stopping.py)."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from .stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, Diverged
         try:
-            return main(*args, **kwargs)
+            status = main(*args, **kwargs)
+        except Diverged as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_DIVERGED) from None
         except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        if status == "interrupted":
+            raise SystemExit(EXIT_INTERRUPTED)
+        return status
     return wrapper
 
 
@@ -167,7 +175,7 @@ def run_chain(stages: list[Stage], description: str, argv=None) -> str:
         status = engine.fit()
         del engine
         _print(f"stage {stage.name}: {time.perf_counter() - t0:.0f} s")
-        if status == "stopped":
+        if status in ("stopped", "interrupted"):
             _print(f"chain paused in stage {stage.name}; run the same command again to continue")
             break
     if accelerator is not None:

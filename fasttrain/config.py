@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .methods import METHODS, check_method
+
 
 def opt(default, help: str, choices: tuple = ()):
     """A Config field with its one-line help for `--help` (and, for a fixed set of values, the choices shown
@@ -30,7 +32,8 @@ class ConfigError(ValueError):
 
 
 # Flags that may differ when a run is continued (they do not change what is trained).
-RESUMABLE = ("resume", "stop_after_epochs", "workers", "log_every", "out", "log_with", "tracker_dir")
+RESUMABLE = ("resume", "stop_after_epochs", "workers", "log_every", "out", "log_with", "tracker_dir",
+             "nonfinite_loss")
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Config:
     # data and run
     data: str = opt("", "dataset directory written by data_prep.convert")
     out: str = opt("", "run directory (config.yaml, metrics, checkpoints, model.pt)")
-    method: str = opt("supervised", "what is trained", ("supervised", "crt", "rotation", "moco"))
+    method: str = opt("supervised", "what is trained", tuple(METHODS))
     loader: str = opt("ffcv", "input pipeline", ("ffcv", "dali", "torch", "device"))
     workers: int = opt(0, "loader threads/processes; 0 = this process's share of the node's cores")
     train_split: str = opt("train", "split to train on")
@@ -122,6 +125,8 @@ class Config:
     resume: str = opt("", "run directory to continue from its last checkpoint")
     stop_after_epochs: int = opt(0, ">0: end cleanly after this many epochs (for time-limited jobs that requeue)")
     log_every: int = opt(50, "steps between progress-bar and tracker step logs")
+    nonfinite_loss: str = opt("stop", "a NaN/inf training loss (seen at a log step): stop the run (exit 3) or "
+                                      "continue", ("stop", "continue"))
     log_with: str = opt("none", "experiment trackers (Accelerate's), comma-separated or all",
                         ("none", "tensorboard", "wandb", "mlflow", "all"))
     tracker_dir: str = opt("", "tracker files (TensorBoard events, wandb offline runs, mlflow store); "
@@ -169,7 +174,10 @@ class Config:
                      else repr(k) for k in unknown]
             raise ConfigError(f"{source}: unknown config key(s) {', '.join(hints)}; valid keys: {sorted(known)}")
         floats = {f.name for f in fields(self) if isinstance(f.default, float)}
-        values = {k: _float_or_same(v) if k in floats else v for k, v in values.items()}
+        lists = {f.name for f in fields(self) if f.default_factory is not dataclasses.MISSING}  # of numbers
+        values = {k: _float_or_same(v) if k in floats else
+                  [_float_or_same(x) for x in v] if k in lists and isinstance(v, list) else v
+                  for k, v in values.items()}
         return dataclasses.replace(self, **values)
 
     def changed_from(self, saved: "Config") -> list[str]:
@@ -221,9 +229,8 @@ class Config:
             if getattr(self, name) not in choices:
                 problems.append(f"{_flag(name)}: unknown {name.replace('_', ' ')} {getattr(self, name)!r}; "
                                 f"valid: {', '.join(choices)}")
-        from .methods import method_class
         try:
-            method_class(self.method)
+            check_method(self.method)
         except ValueError as e:  # "unknown method 'x'; valid methods: [...]" from the registry itself
             problems.append(f"--method: {e}")
         if problems:
@@ -232,7 +239,7 @@ class Config:
 
 
 def _float_or_same(value):
-    """YAML reads `1e-3` (no dot) as a string; float fields take it as the number it spells."""
+    """YAML reads `1e-3` (no dot) as a string; float fields and the number lists take it as the number it spells."""
     if isinstance(value, str):
         try:
             return float(value)
@@ -254,7 +261,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     return {"loader": tuple(KINDS), "arch": tuple(ARCHS), "head": tuple(HEAD_CHOICES),
             "loss": tuple(LOSSES), "reweight": tuple(REWEIGHTS), "sampler": tuple(SAMPLERS),
             "schedule": ("step", "cosine", "constant"), "precision": ("no", "bf16", "fp16"),
-            "optimizer": ("sgd", "apex_lamb", "apex_lars")}
+            "optimizer": ("sgd", "apex_lamb", "apex_lars"), "nonfinite_loss": ("stop", "continue")}
 
 
 def read_yaml(path: str | Path) -> dict:

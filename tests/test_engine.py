@@ -11,7 +11,7 @@ import torch
 from fasttrain.config import Config
 from fasttrain.dataset import DatasetError
 
-from conftest import fit, write_tiny
+from conftest import fit, mark_metrics, resumed_at, write_tiny
 
 # four epochs with warm-up and a step, so resuming has to get the schedule right
 SCHEDULE = dict(epochs=4, warmup_epochs=1, schedule="step", milestone_epochs=[3], milestone_factors=[0.1])
@@ -49,18 +49,22 @@ def test_learns_the_tiny_task(tiny_raw, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["top1"] > 40  # chance is 25
 
 
-def test_stop_and_resume_equals_uninterrupted(tiny_raw, tmp_path):
+def test_stop_and_resume_equals_uninterrupted(tiny_raw, tmp_path, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_raw, full)
     assert run(tiny_raw, part, stop_after_epochs=2) == "stopped"
     assert not (part / "DONE").exists() and len(losses(part)) == 2
+    before = mark_metrics(part)
+    capsys.readouterr()
     assert run(tiny_raw, part, resume=str(part)) == "done"
+    assert resumed_at(capsys.readouterr().out, part) == (2, 10, 0, "last")   # 2 epochs of 5 steps
+    assert (part / "metrics.jsonl").read_text().splitlines()[:2] == before   # kept, not written again
     assert losses(part) == losses(full)
     for k, v in weights(full).items():
         assert torch.equal(v, weights(part)[k]), k
 
 
-def test_killed_mid_epoch_resumes_from_last_checkpoint(tiny_raw, tmp_path, monkeypatch):
+def test_killed_mid_epoch_resumes_from_last_checkpoint(tiny_raw, tmp_path, monkeypatch, capsys):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(tiny_raw, full)
     from fasttrain.methods.supervised import Supervised
@@ -80,7 +84,11 @@ def test_killed_mid_epoch_resumes_from_last_checkpoint(tiny_raw, tmp_path, monke
     (killed / "checkpoints" / ".last.tmp").mkdir()  # a half-written checkpoint must be ignored
     with pytest.raises(FileExistsError, match="--resume"):
         run(tiny_raw, killed)
+    before = mark_metrics(killed)
+    capsys.readouterr()
     assert run(tiny_raw, killed, resume=str(killed)) == "done"
+    assert resumed_at(capsys.readouterr().out, killed) == (2, 10, 0, "last")  # epoch 2 lost, started again
+    assert (killed / "metrics.jsonl").read_text().splitlines()[:2] == before
     assert losses(killed) == losses(full)
 
 

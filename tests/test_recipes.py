@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import launch_two_processes
+from conftest import launch_two_processes, mark_metrics, resumed_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "16", "--warmup-epochs", "0", "--milestones", "",
@@ -80,9 +80,11 @@ def test_chain_pauses_and_resumes_the_interrupted_stage(tiny_raw, tmp_path):
     first = python(*args, "--stop-after-epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "paused in stage rotation" in first.stdout and not (out / "rotation" / "DONE").exists()
+    before = mark_metrics(out / "rotation")
     second = python(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed" in second.stdout + second.stderr
+    assert resumed_at(second.stdout, out / "rotation") == (1, 5, 0, "last")   # 5 steps per epoch
+    assert (out / "rotation" / "metrics.jsonl").read_text().splitlines()[:1] == before
     assert (out / "rotation" / "DONE").exists() and (out / "ce" / "DONE").exists()
     epochs = [json.loads(line)["epoch"] for line in (out / "rotation" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1]
