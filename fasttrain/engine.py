@@ -10,6 +10,7 @@ Signals and a non-finite loss stop the loop after a step (fasttrain/stopping.py)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -44,7 +45,7 @@ class Engine:
         self.run_dir = Path(cfg.out)
         check_run_dir(self.run_dir, cfg)  # before anything is built or written
         self.trackers = tracking.tracker_names(cfg.log_with)
-        self.accelerator = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+        self.accelerator = Accelerator(mixed_precision=cfg.precision,
                                        step_scheduler_with_optimizer=False, log_with=self.trackers or None,
                                        project_config=ProjectConfiguration(str(self.run_dir),
                                                                            str(tracking.tracker_dir(cfg))))
@@ -195,12 +196,14 @@ class Engine:
             lr = self.lr_at(epoch, i)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with acc.accumulate(model):
+            group = accumulation_group(i, n, cfg.grad_accum)    # micro-batches in this optimiser step
+            sync = (i + 1) % cfg.grad_accum == 0 or i + 1 == n   # its last one: all-reduce and step
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
                 loss, logs = self.method.loss(model, batch, epoch)
-                acc.backward(loss)
+                acc.backward(loss / group if group > 1 else loss)
+            if sync:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
                 self.method.after_step(model)
                 self.state["step"] += 1
             for k, v in logs.items():
@@ -212,7 +215,7 @@ class Engine:
                 bar.set_postfix(loss=f"{loss_so_far:.4f}", lr=f"{lr:.4g}")
                 self.track({"train/loss": loss_so_far, "train/lr": lr}, self.state["step"])
             bar.update(1)
-            if acc.sync_gradients and (reason := self.stop.poll()):
+            if sync and (reason := self.stop.poll()):
                 stop = (i + 1, reason)
                 break
         else:
@@ -369,6 +372,14 @@ class Engine:
         tracking.finish(acc)
         acc.wait_for_everyone()
         self.log(f"finished {self.run_dir}")
+
+
+def accumulation_group(batch: int, batches: int, accum: int) -> int:
+    """How many micro-batches the optimiser step that batch `batch` (0-based, of `batches` in the epoch) belongs
+    to makes up: `accum`, or fewer for the epoch's last step when `accum` does not divide the epoch. Gradients
+    never cross an epoch: each step's loss is the mean over its own micro-batches, as one batch of that size."""
+    start = batch - batch % accum
+    return min(accum, batches - start)
 
 
 def batch_and_lr(cfg: Config, processes: int) -> str:

@@ -11,7 +11,7 @@ import torch
 from fasttrain.config import Config
 from fasttrain.dataset import DatasetError
 
-from conftest import fit, mark_metrics, resumed_at, write_tiny
+from conftest import TINY_RUN, fit, mark_metrics, resumed_at, write_tiny
 
 # four epochs with warm-up and a step, so resuming has to get the schedule right
 SCHEDULE = dict(epochs=4, warmup_epochs=1, schedule="step", milestone_epochs=[3], milestone_factors=[0.1])
@@ -152,3 +152,21 @@ def test_apex_absent_is_a_clear_error(tiny_raw, tmp_path):
         pass
     with pytest.raises(RuntimeError, match="NVIDIA apex"):
         run(tiny_raw, tmp_path / "run", optimizer="apex_lamb")
+
+
+def test_gradient_accumulation_steps_at_the_end_of_every_epoch(tiny_raw, tmp_path):
+    """90 train images at batch 16 are 5 micro-batches an epoch; with --grad-accum 2 the optimiser steps after
+    micro-batches 2, 4 and 5 (that last step averages its one micro-batch), so no gradient is carried into
+    the next epoch and an epoch is steps_per_epoch steps."""
+    from fasttrain.engine import Engine, accumulation_group
+    assert [accumulation_group(i, 5, 2) for i in range(5)] == [2, 2, 2, 2, 1]
+    assert [accumulation_group(i, 6, 4) for i in range(6)] == [4, 4, 4, 4, 2, 2]
+    engine = Engine(Config(data=str(tiny_raw), out=str(tmp_path / "run")).update(
+        dict(TINY_RUN, epochs=2, grad_accum=2)))
+    assert len(engine.train_loader) == 5 and engine.steps_per_epoch == 3
+    engine.train_epoch(0)
+    assert engine.state["step"] == 3
+    assert all(p.grad is None for p in engine.model.parameters())     # nothing left over for epoch 2
+    engine.train_epoch(1)
+    assert engine.state["step"] == 6
+    engine.close()

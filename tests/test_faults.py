@@ -307,7 +307,7 @@ TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "16", "--warmup
     (["--batch-size", "0"], "--batch-size 0"), (["--workers", "-1"], "--workers -1"),
     (["--log-every", "0"], "--log-every 0"), (["--method", "nope"], "valid methods"),
     (["--loader", "nope"], "valid: ffcv, dali, torch, device"), (["--loss", "nope"], "valid: ce, focal"),
-    (["--sampler", "nope"], "valid: uniform, balanced, sqrt"), (["--schedule", "nope"], "valid: step, cosine"),
+    (["--sampler", "nope"], "valid: uniform, resample, balanced, sqrt"), (["--schedule", "nope"], "valid: step, cosine"),
     (["--precision", "fp8"], "valid: no, bf16, fp16"), (["--reweight", "nope"], "valid: none, cb, drw"),
     (["--head", "nope"], "valid: linear, cosine"), (["--optimizer", "adam"], "valid: sgd, apex_lamb"),
 ])
