@@ -308,3 +308,20 @@ def test_torch_loader_workers_are_not_forked_from_the_trainer(jpeg):
     parents = {int(open(f"/proc/{w.pid}/stat").read().rsplit(")", 1)[1].split()[1]) for w in workers}
     assert batches == len(loader) and len(workers) == 2
     assert os.getpid() not in parents and len(parents) == 1, parents
+
+
+def test_ffcv_loader_keeps_the_processs_torch_threads(raw):
+    """FFCV's Loader sets torch's process-wide thread count to its workers when built and at every epoch;
+    the training step must keep the count the engine chose (it prints it, and runs compare bit for bit)."""
+    ds, _ = raw
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        ld = loader(ds, "ffcv", train=True, views=[A.small_train()], workers=1)
+        assert torch.get_num_threads() == 3
+        ld.set_epoch(0)
+        for _ in ld:
+            assert torch.get_num_threads() == 3
+        ld.close()
+    finally:
+        torch.set_num_threads(threads)

@@ -8,10 +8,12 @@ decoding with the view's RandomResizedCrop / center crop in FFCV's JIT-compiled 
   - otherwise: FFCV's RandomHorizontalFlip, uint8 to the device, stage 2 there.
 FFCV's jpeg crops and flips come from numba's per-thread generators: unlike the other loaders', they are
 not a function of (seed, epoch, rank); the order is. Labels and source indices come from the split's
-meta arrays, so the label fields are not decoded. Note: FFCV sets torch.set_num_threads(workers).
+meta arrays, so the label fields are not decoded. FFCV sets torch's thread count to its `num_workers`; the
+loader puts the process's count back (`torch_threads_kept`).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable, Iterator
 
@@ -106,10 +108,11 @@ class FfcvLoader(LoaderBase):
                                                        transforms=self._jpeg_transforms(view, to_device))
                          for i, view in enumerate(self.views)}
         # Never distributed=True: the order is already this rank's shard.
-        self.loader = Loader(str(self.files), batch_size=self.batch_size, num_workers=self.workers,
-                             os_cache=True, order=EpochOrder(self.remaining_positions), drop_last=self.train,
-                             pipelines={**pipelines, "label": None, "index": None},
-                             batches_ahead=BATCHES_AHEAD)
+        with torch_threads_kept():
+            self.loader = Loader(str(self.files), batch_size=self.batch_size, num_workers=self.workers,
+                                 os_cache=True, order=EpochOrder(self.remaining_positions), drop_last=self.train,
+                                 pipelines={**pipelines, "label": None, "index": None},
+                                 batches_ahead=BATCHES_AHEAD)
 
     def _jpeg_transforms(self, view: ViewSpec, to_device: list) -> list:
         if self.device.type == "cpu" and not view.has_color_ops:
@@ -128,13 +131,25 @@ class FfcvLoader(LoaderBase):
 
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         self.loader.next_epoch = self.epoch       # iterating twice replays the same epoch
-        epoch = iter(self.loader)
+        with torch_threads_kept():
+            epoch = iter(self.loader)
         try:
             for outputs in epoch:
                 # uint8 outputs live in FFCV's reused buffers: stage 2 copies them before the next batch.
                 yield [outputs[0]] * len(self.views) if self.is_raw else list(outputs)
         finally:
             epoch.close()      # an epoch left early: stop FFCV's thread now (it would wait for a free slot forever)
+
+
+@contextmanager
+def torch_threads_kept():
+    """FFCV's Loader sets torch's (process-wide) thread count to its num_workers when it is built and when an
+    epoch starts: put the process's count back, so --workers never changes the training step's threads."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _output_name(view_index: int) -> str:
