@@ -32,6 +32,16 @@ def detailed_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(128 + 0.6 * img, 0, 255).astype(np.uint8)
 
 
+def resize_center_crop(img: Image.Image, resize: int, size: int) -> np.ndarray:
+    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image (antialiased bilinear), written out: the
+    paper's evaluation transform with resize 256, size 224. Returns size x size x C float64."""
+    w, h = img.size
+    new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)), np.float64)
+
+
 def class_images(n_per_class: list[int], shape=(8, 8, 3), seed=0):
     """Random uint8 images with labels sorted by class (n_per_class[c] of class c)."""
     rng = np.random.default_rng(seed)

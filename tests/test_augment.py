@@ -4,6 +4,7 @@ import colorsys
 import numpy as np
 import pytest
 import torch
+from data_prep_fixtures import resize_center_crop
 
 from fasttrain.data import augment as A
 
@@ -86,16 +87,6 @@ def test_rrc_boxes_respect_scale_ratio_and_bounds():
     assert ((w / h)[big] >= 0.7).all() and ((w / h)[big] <= 1.4).all()
 
 
-def resize_then_center_crop(img, resize: int, size: int):
-    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image, written out."""
-    from PIL import Image
-    w, h = img.size
-    new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-    img = img.resize((new_w, new_h), Image.BILINEAR)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return np.asarray(img.crop((left, top, left + size, top + size)), np.float64)
-
-
 def test_center_boxes_are_torchvisions_resize_then_center_crop():
     # size 64, ratio 0.875: Resize(73). 100 x 200 -> 73 x 146, window at (4, 41); 81 x 40 -> 147 x 73, (42, 4)
     boxes = A.crop_boxes(A.large_eval(64), torch.tensor([[100, 200], [81, 40]]), gen())
@@ -108,7 +99,7 @@ def test_center_boxes_are_torchvisions_resize_then_center_crop():
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         top, left, bh, bw = A.crop_boxes(A.large_eval(224), torch.tensor([[h, w]]), gen())[0].tolist()
         got = np.asarray(img.resize((224, 224), Image.BILINEAR, box=(left, top, left + bw, top + bh)), np.float64)
-        assert np.abs(got - resize_then_center_crop(img, 256, 224)).max() <= 1
+        assert np.abs(got - resize_center_crop(img, 256, 224)).max() <= 1
 
 
 def test_resized_crop_of_the_whole_image_is_identity_or_mirror():

@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from data_prep_fixtures import detailed_image, write_split
+from data_prep_fixtures import detailed_image, resize_center_crop, write_split
 from PIL import Image
 
 from data_prep.convert import convert, write_dataset
@@ -37,12 +37,8 @@ def test_stored_size_keeps_originals_and_a_shorter_side_of_256():
 
 
 def reference(img: np.ndarray) -> np.ndarray:
-    """torchvision's Resize(256) + CenterCrop(224) on a PIL image (antialiased bilinear), written out."""
-    h, w = img.shape[:2]
-    new_w, new_h = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
-    resized = Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR)
-    top, left = int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0))
-    return np.asarray(resized.crop((left, top, left + 224, top + 224)), np.float64)
+    """The paper's evaluation transform of the original image: Resize(256) + CenterCrop(224)."""
+    return resize_center_crop(Image.fromarray(img), 256, 224)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from data_prep_fixtures import resize_center_crop
 from PIL import Image
 
 from data_prep.convert import write_dataset
@@ -192,13 +193,8 @@ def test_channels_last(raw, jpeg, kind, encoding):
 
 def pil_eval_reference(data, size):
     """torchvision's Resize(round(size / 0.875)) + CenterCrop(size), with PIL."""
-    img, resize = decode_rgb(data), round(size / 0.875)
-    w, h = img.size
-    new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-    img = img.resize((new_w, new_h), Image.BILINEAR)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    crop = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.array(crop)).permute(2, 0, 1).float()
+    crop = resize_center_crop(decode_rgb(data), round(size / 0.875), size)
+    return torch.from_numpy(crop).permute(2, 0, 1).float()
 
 
 @pytest.mark.parametrize("kind", KINDS)
