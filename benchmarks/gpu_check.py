@@ -1,4 +1,4 @@
-"""The first GPU run, prepared: everything a GPU machine should measure, in at most 8 minutes on one H100/H200.
+"""The first GPU run, prepared: everything a GPU machine should measure, in at most 10 minutes on one H100/H200.
 
     bash benchmarks/gpu_check.sh                    # on the GPU machine
     GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh    # every step at tiny sizes on the CPU (<= 3 minutes)
@@ -15,6 +15,8 @@ such and the next one runs; a step whose prerequisite is missing is skipped, say
                bf16 channels-last, plus one evaluation of 10,000 test images; the projected 200-epoch time
                (200 x (epoch + evaluation)); target < 30 s
   moco         MoCo v2 steps, ResNet-50, two views at 160 px (benchmarks/ssl_throughput.py)
+  sync         steady-state steps of every method and loader under torch.cuda.set_sync_debug_mode("error")
+               (benchmarks/sync_check.py): target no host synchronisation in a step; skipped in CPU mode
 Writes benchmarks/results/gpu/gpu_check.json (every step's settings and results, the verdicts against the
 targets), each step's own JSON next to it, and gpu_check.png (where matplotlib is installed).
 """
@@ -36,8 +38,8 @@ TARGETS = {"resnet50_images_per_s": 5000, "resnet50_loader_over_preloaded": 0.95
 NEEDED = ("torch", "numpy", "PIL", "yaml", "tqdm", "psutil", "safetensors", "accelerate")
 
 # (step, per-step limit in s) on the GPU; sizes per mode below
-GPU_LIMITS = {"environment": 30, "loaders": 100, "resnet50": 160, "cifar": 55, "moco": 60}   # cifar: x2 variants
-CPU_LIMITS = {"environment": 20, "loaders": 30, "resnet50": 60, "cifar": 35, "moco": 30}
+GPU_LIMITS = {"environment": 30, "loaders": 100, "resnet50": 160, "cifar": 55, "moco": 60, "sync": 90}  # cifar: x2
+CPU_LIMITS = {"environment": 20, "loaders": 30, "resnet50": 60, "cifar": 35, "moco": 30, "sync": 0}
 
 
 def sizes(cpu: bool) -> dict:
@@ -151,6 +153,11 @@ def verdicts(report: dict) -> dict:
         out["cifar_200_epochs_s"] = {"variant": best, "value": round(projections[best], 1),
                                      "target": TARGETS["cifar_200_epochs_s"],
                                      "met": projections[best] < TARGETS["cifar_200_epochs_s"]}
+    sync = report["steps"].get("sync", {})
+    if "steps_without_sync" in sync:
+        out["steps_without_host_sync"] = {"value": sync["steps_without_sync"], "met": sync["steps_without_sync"],
+                                          "cases_with_syncs": sorted(k for k, v in sync["cases"].items()
+                                                                     if v["status"] != "ok")}
     if report["mode"] == "cpu":
         note = "CPU mode: tiny sizes, not comparable with the targets"
         out = {k: {**v, "met": None, "note": note} if "met" in v else
@@ -182,13 +189,13 @@ def main(argv=None) -> dict:
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results" / "gpu"))
     p.add_argument("--cpu", action="store_true", default=os.environ.get("GPU_CHECK_CPU") == "1",
                    help="tiny sizes on the CPU (also: GPU_CHECK_CPU=1)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for all steps (default 470 GPU, 175 CPU)")
-    p.add_argument("--steps", default="environment,loaders,resnet50,cifar,moco")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all steps (default 560 GPU, 175 CPU)")
+    p.add_argument("--steps", default="environment,loaders,resnet50,cifar,moco,sync")
     p.add_argument("--step-limit", type=float, default=None,
                    help="seconds per step instead of the defaults (e.g. on a busy shared machine)")
     args = p.parse_args(argv)
     cpu, started = args.cpu, time.perf_counter()
-    budget = args.budget or (175 if cpu else 470)
+    budget = args.budget or (175 if cpu else 560)
     limits, size = (CPU_LIMITS if cpu else GPU_LIMITS), sizes(cpu)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +247,11 @@ def main(argv=None) -> dict:
                                 "variants": cifar}
     report["steps"]["moco"] = step("moco", "ssl_throughput.py",
                                    size["moco"] + ["--methods", "moco", "--loaders", "device"])
+    if cpu and "sync" in args.steps.split(","):
+        report["steps"]["sync"] = {"status": "skipped", "reason": "CPU mode: torch.cuda.set_sync_debug_mode needs a "
+                                   "CUDA device; tests/test_sync_budget.py counts the same operations on the CPU"}
+    else:
+        report["steps"]["sync"] = step("sync", "sync_check.py", [])
     report["loaders_skipped"] = {k: f"not importable here ({v}); see README, 'GPU'" for k, v in skipped_kinds.items()}
     report["verdicts"] = verdicts(report)
     report["seconds"] = round(time.perf_counter() - started, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,10 @@ import yaml
 
 from .config import Config, add_config_args, resolve
 
+# What a stage trains with: loss, head, re-weighting, sampler and their parameters.
+METHOD_KEYS = ("loss", "head", "reweight", "sampler", "drw_at", "drw_epoch", "cb_beta", "focal_gamma",
+               "ldam_max_margin", "ldam_scale", "la_tau", "samples_per_class")
+
 
 @dataclass
 class Stage:
@@ -24,12 +29,17 @@ class Stage:
     with the model of the run `source` and write STAGE/data: labeled + pseudo-labeled, see
     fasttrain/pseudo_label.py). `data`, when set, is the stage's dataset (it wins over --data), e.g. the
     joint stage's `"{root}/pseudo/data"`. Strings may name the chain's directory as `{root}` and the chain's
-    --data as `{data}`, e.g. `"pretrained": "{root}/ssp/backbone.pt"`."""
+    --data as `{data}`, e.g. `"pretrained": "{root}/ssp/backbone.pt"`.
+
+    Scope of the chain's flags: a plain flag (or a --config value) reaches every stage, except that a stage
+    with `method_flags=False` (self-training's base model) keeps its preset's METHOD_KEYS whatever the plain
+    flags say; `--set STAGE.KEY=VALUE` sets any value of one stage."""
     name: str
     preset: dict = field(default_factory=dict)
     kind: str = "train"
     source: str = ""
     data: str = ""
+    method_flags: bool = True
 
 
 def parser(description: str, defaults=None, epilog: str | None = None) -> argparse.ArgumentParser:
@@ -46,14 +56,22 @@ def parser(description: str, defaults=None, epilog: str | None = None) -> argpar
 
 
 def user_errors(main):
-    """Configuration and data mistakes end a recipe with one clear line (exit code 2), not a traceback."""
+    """Configuration and data mistakes end a recipe with one clear line (exit code 2), not a traceback; so does
+    a diverged run (exit code 3). A run stopped by SIGTERM / SIGUSR1 exits with 75 (fasttrain/stopping.py)."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from .stopping import EXIT_DIVERGED, EXIT_INTERRUPTED, Diverged
         try:
-            return main(*args, **kwargs)
+            status = main(*args, **kwargs)
+        except Diverged as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_DIVERGED) from None
         except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        if status == "interrupted":
+            raise SystemExit(EXIT_INTERRUPTED)
+        return status
     return wrapper
 
 
@@ -69,9 +87,26 @@ def run_single(preset: dict, description: str, argv=None) -> str:
     return status
 
 
+def flag_scope(stages: list[Stage]) -> str:
+    """The paragraph of a chain's --help that says which stages a plain flag reaches."""
+    names = [s.name for s in stages]
+    method = [s.name for s in stages if s.method_flags]
+    flags = "--" + ", --".join(k.replace("_", "-") for k in METHOD_KEYS)
+    every = f"Which stages a flag reaches: a plain flag (or --config value) reaches every stage ({', '.join(names)})"
+    if len(method) == len(stages):
+        text = f"{every} and overrides each stage's preset, the method flags ({flags}) too; --set STAGE.KEY=VALUE " \
+               f"sets one stage."
+    else:
+        keep = [s.name for s in stages if s.kind == "train" and not s.method_flags]
+        text = f"{every}, except the method flags ({flags}), which reach only {', '.join(method)}; " \
+               f"{', '.join(keep)} keeps its preset's method: set it with --set, e.g. --set {keep[0]}.loss=ldam."
+    return textwrap.fill(text, 110, break_on_hyphens=False)
+
+
 @user_errors
 def run_chain(stages: list[Stage], description: str, argv=None) -> str:
-    p = parser(description, {s.name: Config().update(s.preset, source=f"stage {s.name}") for s in stages})
+    p = parser(description.rstrip() + "\n\n" + flag_scope(stages),
+               {s.name: Config().update(s.preset, source=f"stage {s.name}") for s in stages})
     p.add_argument("--stages", default=None, metavar="A,B", help="comma-separated subset of stages to run "
                    "(default: all, in order: " + ",".join(s.name for s in stages) + ")")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
@@ -93,7 +128,11 @@ def run_chain(stages: list[Stage], description: str, argv=None) -> str:
         names = dict(root=root, data=chain_data)
         preset = {k: (v.format(**names) if isinstance(v, str) else v) for k, v in stage.preset.items()}
         args.out, args.data = str(root / stage.name), stage.data.format(**names) if stage.data else chain_data
-        return resolve(args, preset).update(per_stage.get(stage.name, {}), source=f"--set {stage.name}.*")
+        cfg = resolve(args, preset)
+        if not stage.method_flags:  # plain flags and --config values do not change how this stage trains
+            own = Config().update(preset, source=f"stage {stage.name}")
+            cfg = cfg.update({k: getattr(own, k) for k in METHOD_KEYS})
+        return cfg.update(per_stage.get(stage.name, {}), source=f"--set {stage.name}.*")
 
     for stage in stages:  # every chosen stage's config is checked before the first stage starts
         if stage.name in chosen:
@@ -136,7 +175,7 @@ def run_chain(stages: list[Stage], description: str, argv=None) -> str:
         status = engine.fit()
         del engine
         _print(f"stage {stage.name}: {time.perf_counter() - t0:.0f} s")
-        if status == "stopped":
+        if status in ("stopped", "interrupted"):
             _print(f"chain paused in stage {stage.name}; run the same command again to continue")
             break
     if accelerator is not None:

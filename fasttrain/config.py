@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .methods import METHODS, check_method
+
 
 def opt(default, help: str, choices: tuple = ()):
     """A Config field with its one-line help for `--help` (and, for a fixed set of values, the choices shown
@@ -30,7 +32,8 @@ class ConfigError(ValueError):
 
 
 # Flags that may differ when a run is continued (they do not change what is trained).
-RESUMABLE = ("resume", "stop_after_epochs", "workers", "log_every", "out", "log_with", "tracker_dir")
+RESUMABLE = ("resume", "stop_after_epochs", "workers", "log_every", "out", "log_with", "tracker_dir",
+             "nonfinite_loss")
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Config:
     # data and run
     data: str = opt("", "dataset directory written by data_prep.convert")
     out: str = opt("", "run directory (config.yaml, metrics, checkpoints, model.pt)")
-    method: str = opt("supervised", "what is trained", ("supervised", "crt", "rotation", "moco"))
+    method: str = opt("supervised", "what is trained", tuple(METHODS))
     loader: str = opt("ffcv", "input pipeline", ("ffcv", "dali", "torch", "device"))
     workers: int = opt(0, "loader threads/processes; 0 = this process's share of the node's cores")
     train_split: str = opt("train", "split to train on")
@@ -52,7 +55,8 @@ class Config:
     arch: str = opt("resnet32", "network", ("resnet20", "resnet32", "resnet44", "resnet56", "resnet10", "resnet18",
                                             "resnet50"))
     width: float = opt(1.0, "channel width multiplier (resnet20/32/44/56 only)")
-    head: str = opt("linear", "classifier; cosine needs --loss ldam", ("linear", "cosine"))
+    head: str = opt("auto", "classifier; auto = cosine with --loss ldam (the paper's rule), else linear; "
+                            "cosine needs --loss ldam", ("auto", "linear", "cosine"))
     pretrained: str = opt("", "backbone to start from (SSP backbone.pt, MoCo or torchvision file)")
 
     # optimisation
@@ -83,16 +87,21 @@ class Config:
     tf32: bool = opt(True, "allow TF32 matmuls / convolutions on Ampere+ GPUs")
 
     # loss and re-balancing
-    loss: str = opt("ce", "training loss", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
+    loss: str = opt("ce", "training loss; ldam also selects the cosine head unless --head is given (the paper's "
+                          "rule)", ("ce", "focal", "ldam", "balanced_softmax", "logit_adjust"))
     reweight: str = opt("none", "class re-weighting of the loss", ("none", "cb", "drw"))
     drw_at: float = opt(0.8, "DRW: class-balanced weights from this fraction of the run on (paper: 160/200)")
     drw_epoch: int = opt(-1, ">= 0: DRW from this 0-based epoch instead of --drw-at")
-    cb_beta: float = opt(0.9999, "class-balanced weights: beta of the effective number")
+    cb_beta: float = opt(0.9999, "beta of the effective number (1 - beta^n) / (1 - beta): class-balanced weights "
+                                 "(--reweight cb, drw) and --sampler resample")
     focal_gamma: float = opt(1.0, "focal loss gamma")
     ldam_max_margin: float = opt(0.5, "LDAM: largest margin (of the rarest class)")
     ldam_scale: float = opt(30.0, "LDAM: logit scale")
     la_tau: float = opt(1.0, "logit adjustment: tau")
-    sampler: str = opt("uniform", "training sample order", ("uniform", "balanced", "sqrt", "class_aware"))
+    sampler: str = opt("uniform", "training sample order: uniform = shuffle; resample = the paper's Resample (each "
+                                  "sample weighted by (1 - beta) / (1 - beta^n_c), beta --cb-beta); balanced = "
+                                  "classes equally likely; sqrt = class ~ sqrt(n_c); class_aware = runs of "
+                                  "--samples-per-class", ("uniform", "resample", "balanced", "sqrt", "class_aware"))
     samples_per_class: int = opt(4, "class_aware sampler: images of one class taken in a row (paper: 4)")
     crt_freeze_bn: bool = opt(False, "cRT: freeze BN statistics too (default: they keep updating, as the paper)")
 
@@ -116,6 +125,8 @@ class Config:
     resume: str = opt("", "run directory to continue from its last checkpoint")
     stop_after_epochs: int = opt(0, ">0: end cleanly after this many epochs (for time-limited jobs that requeue)")
     log_every: int = opt(50, "steps between progress-bar and tracker step logs")
+    nonfinite_loss: str = opt("stop", "a NaN/inf training loss (seen at a log step): stop the run (exit 3) or "
+                                      "continue", ("stop", "continue"))
     log_with: str = opt("none", "experiment trackers (Accelerate's), comma-separated or all",
                         ("none", "tensorboard", "wandb", "mlflow", "all"))
     tracker_dir: str = opt("", "tracker files (TensorBoard events, wandb offline runs, mlflow store); "
@@ -163,13 +174,22 @@ class Config:
                      else repr(k) for k in unknown]
             raise ConfigError(f"{source}: unknown config key(s) {', '.join(hints)}; valid keys: {sorted(known)}")
         floats = {f.name for f in fields(self) if isinstance(f.default, float)}
-        values = {k: _float_or_same(v) if k in floats else v for k, v in values.items()}
+        lists = {f.name for f in fields(self) if f.default_factory is not dataclasses.MISSING}  # of numbers
+        values = {k: _float_or_same(v) if k in floats else
+                  [_float_or_same(x) for x in v] if k in lists and isinstance(v, list) else v
+                  for k, v in values.items()}
         return dataclasses.replace(self, **values)
 
     def changed_from(self, saved: "Config") -> list[str]:
-        """Fields (other than RESUMABLE ones) whose value differs from a saved run's config."""
+        """Fields (other than RESUMABLE ones) whose value differs from a saved run's config. The head is compared
+        as built (`--head auto` is linear unless the loss is LDAM), so a run saved with `head: linear` before
+        `auto` existed continues under the same command."""
+        from .models import head_for
+
+        def value(cfg: Config, name: str):
+            return head_for(cfg.head, cfg.loss) if name == "head" else getattr(cfg, name)
         return sorted(f.name for f in fields(self)
-                      if f.name not in RESUMABLE and getattr(self, f.name) != getattr(saved, f.name))
+                      if f.name not in RESUMABLE and value(self, f.name) != value(saved, f.name))
 
     def validate(self) -> "Config":
         """Every field value checked in one place, before any work starts; raises ConfigError naming each bad
@@ -209,9 +229,8 @@ class Config:
             if getattr(self, name) not in choices:
                 problems.append(f"{_flag(name)}: unknown {name.replace('_', ' ')} {getattr(self, name)!r}; "
                                 f"valid: {', '.join(choices)}")
-        from .methods import method_class
         try:
-            method_class(self.method)
+            check_method(self.method)
         except ValueError as e:  # "unknown method 'x'; valid methods: [...]" from the registry itself
             problems.append(f"--method: {e}")
         if problems:
@@ -220,7 +239,7 @@ class Config:
 
 
 def _float_or_same(value):
-    """YAML reads `1e-3` (no dot) as a string; float fields take it as the number it spells."""
+    """YAML reads `1e-3` (no dot) as a string; float fields and the number lists take it as the number it spells."""
     if isinstance(value, str):
         try:
             return float(value)
@@ -238,11 +257,11 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from .data import KINDS
     from .data.sampling import SAMPLERS
     from .losses import LOSSES, REWEIGHTS
-    from .models import ARCHS, HEADS
-    return {"loader": tuple(KINDS), "arch": tuple(ARCHS), "head": tuple(HEADS),
+    from .models import ARCHS, HEAD_CHOICES
+    return {"loader": tuple(KINDS), "arch": tuple(ARCHS), "head": tuple(HEAD_CHOICES),
             "loss": tuple(LOSSES), "reweight": tuple(REWEIGHTS), "sampler": tuple(SAMPLERS),
             "schedule": ("step", "cosine", "constant"), "precision": ("no", "bf16", "fp16"),
-            "optimizer": ("sgd", "apex_lamb", "apex_lars")}
+            "optimizer": ("sgd", "apex_lamb", "apex_lars"), "nonfinite_loss": ("stop", "continue")}
 
 
 def read_yaml(path: str | Path) -> dict:

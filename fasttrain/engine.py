@@ -1,47 +1,41 @@
 """The training engine: one loop for every method (supervised, cRT, rotation, MoCo).
 
     engine = Engine(cfg)       # accelerator, data, method, model, optimiser, loaders
-    status = engine.fit()      # "done" | "stopped" (after --stop-after-epochs)
+    status = engine.fit()      # "done" | "stopped" (after --stop-after-epochs) | "interrupted" (SIGTERM/SIGUSR1)
 
 Runs under `python` (one process, CPU or one GPU) and `accelerate launch` (N GPUs / machines).
-Checkpoints are `accelerator.save_state` directories written under a temporary name and renamed, so a
-run killed at any moment resumes from its last complete epoch (see `save_checkpoint`, `find_checkpoint`).
+The run directory and its checkpoints (written so that a run killed at any moment resumes from its last
+complete checkpoint) are fasttrain/checkpoints.py's; the engine saves, finds and restores through it.
+Signals and a non-finite loss stop the loop after a step (fasttrain/stopping.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from . import tracking
-from .config import Config, ConfigError
+from .checkpoints import Checkpoints, check_run_dir
+from .config import Config
 from .data import build_loader
 from .dataset import DatasetDir, DatasetError
 from .evaluate import evaluate, results_table, write_report
 from .methods import method_class
-from .models import load_pretrained
+from .models import head_for, load_pretrained
 from .models.checkpoint import bare_model, save_backbone
 from .runtime import configure_math, configure_threads, sync_batchnorm
+from .stopping import Diverged, StopRequests
 
-CHECKPOINT_FORMAT = 1
-STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory holding it is complete
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be resumed from (corrupt, truncated, made for another model); names the file."""
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be written (read-only, disk full); says what survived and how to continue."""
+if TYPE_CHECKING:
+    from .confusion import Confusion
 
 
 class Engine:
@@ -51,18 +45,21 @@ class Engine:
         self.run_dir = Path(cfg.out)
         check_run_dir(self.run_dir, cfg)  # before anything is built or written
         self.trackers = tracking.tracker_names(cfg.log_with)
-        self.accelerator = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum,
+        self.accelerator = Accelerator(mixed_precision=cfg.precision,
                                        step_scheduler_with_optimizer=False, log_with=self.trackers or None,
                                        project_config=ProjectConfiguration(str(self.run_dir),
                                                                            str(tracking.tracker_dir(cfg))))
         acc = self.accelerator
         self.device = acc.device
         self.is_main = acc.is_main_process
+        self.checkpoints = Checkpoints(self.run_dir, acc)
+        self.stop = StopRequests(acc.num_processes, watch_loss=cfg.nonfinite_loss == "stop")
         if cfg.batch_size % acc.num_processes:
             raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the "
                              f"{acc.num_processes} processes")
         self.per_process_batch = cfg.batch_size // acc.num_processes
         self.log(batch_and_lr(cfg, acc.num_processes))
+        self.log(schedule_line(cfg))
         set_seed(cfg.seed)
         configure_math(cfg.deterministic, cfg.tf32)
         res = configure_threads(cfg.workers)
@@ -100,6 +97,7 @@ class Engine:
         self.method.setup(self)
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
         self.state = {"epoch": 0, "step": 0, "best_top1": None, "best_epoch": None}
+        self.partial_epoch: dict | None = None  # resumed inside an epoch: its first batch and running sums
 
     # ------------------------------------------------------------------------------------------
     def build_loader(self, split: str, *, views, train: bool, sampler: str = "uniform", batch_size: int | None = None,
@@ -109,7 +107,8 @@ class Engine:
                             views=views, train=train, sampler=sampler, sampling_labels=sampling_labels,
                             positions=positions, seed=self.cfg.seed, rank=acc.process_index,
                             world_size=acc.num_processes, device=self.device, channels_last=self.cfg.channels_last,
-                            workers=self.cfg.workers, samples_per_class=self.cfg.samples_per_class)
+                            workers=self.cfg.workers, samples_per_class=self.cfg.samples_per_class,
+                            cb_beta=self.cfg.cb_beta)
 
     def track(self, values: dict, step: int) -> None:
         """Send scalars to the experiment trackers (--log-with; main process only), at global step `step`."""
@@ -131,10 +130,11 @@ class Engine:
                 loader.close()
 
     def fit(self) -> str:
-        """Train from the start or the resumed epoch to the end (or --stop-after-epochs); the loaders are
-        closed when it returns or fails."""
+        """Train from the start or the resumed step to the end (or --stop-after-epochs, or a signal); the
+        loaders are closed when it returns or fails."""
         try:
-            return self._fit()
+            with self.stop.catching_signals():
+                return self._fit()
         finally:
             self.close()
 
@@ -146,28 +146,22 @@ class Engine:
         if cfg.resume:
             self.resume()  # reads only: a checkpoint that cannot be resumed is an error before anything is written
         first = self.state["epoch"]
-        error = None
-        if self.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                cfg.save(self.run_dir / "config.yaml")
-                trim_metrics(self.run_dir / "metrics.jsonl", first, self.state["step"])
-            except OSError as e:
-                error = self.io_error(e, self.run_dir)
-        error = self.first_error(error)
-        if error:
-            raise RunDirError(error)
+        self.checkpoints.begin(cfg, first, self.state["step"])
         tracking.start(acc, cfg, self.trackers, self.state["step"])
         self.log(f"{cfg.method} | {cfg.arch} | {acc.num_processes} process(es) on {self.device} | "
                  f"{len(self.train_loader)} batches/epoch | epochs {first}..{cfg.epochs - 1} | loader {cfg.loader}")
         for epoch in range(first, cfg.epochs):
-            logs = self.train_epoch(epoch)
+            logs = self.train_epoch(epoch, **(self.partial_epoch or {}))
+            self.partial_epoch = None
+            if logs is None:                    # a signal: checkpoint written at the step
+                tracking.finish(acc)
+                return "interrupted"
             last = epoch == cfg.epochs - 1
             if self.eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
                 metrics = self.evaluate(epoch)
                 logs.update({f"eval_{k}": metrics[k] for k in ("split", "top1", "top5", "many", "medium", "few")})
                 best = self.state["best_top1"]
-                if best is None or metrics["top1"] > best:
+                if (best is None or metrics["top1"] > best) and math.isfinite(logs["loss"]):
                     self.state.update(best_top1=metrics["top1"], best_epoch=epoch)
                     self.state["epoch"] = epoch + 1
                     self.save_checkpoint("best")
@@ -175,6 +169,10 @@ class Engine:
             self.track(tracking.epoch_values(logs, epoch), self.state["step"])
             self.write_jsonl(logs | {"epoch": epoch})
             self.save_checkpoint("last")
+            if self.stop.settle() == "signal":  # it came during the evaluation or the save
+                self.log_interrupted(epoch + 1, 0)
+                tracking.finish(acc)
+                return "interrupted"
             if cfg.stop_after_epochs and epoch + 1 - first >= cfg.stop_after_epochs and not last:
                 self.log(f"stopped after {cfg.stop_after_epochs} epoch(s) at epoch {epoch + 1}/{cfg.epochs}; "
                          f"continue with --resume {self.run_dir}")
@@ -183,25 +181,29 @@ class Engine:
         self.finish()
         return "done"
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, first_batch: int = 0, sums: dict | None = None) -> dict | None:
+        """One epoch (from `first_batch` on, with the running `sums` of the batches before, when resumed inside
+        it). Returns the epoch's means; None when a signal stopped the run (checkpoint written at the step)."""
         cfg, acc, model = self.cfg, self.accelerator, self.model
-        self.train_loader.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch, first_batch)
         self.method.train_mode(model)
         n = len(self.train_loader)
-        sums: dict[str, torch.Tensor] = {}
-        images, t0 = 0, time.perf_counter()
-        bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.is_main, leave=False,
-                   dynamic_ncols=True)
-        for i, batch in enumerate(self.train_loader):
+        sums: dict[str, torch.Tensor] = dict(sums or {})
+        images, t0, stop = 0, time.perf_counter(), None
+        bar = tqdm(total=n, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.is_main,
+                   leave=False, dynamic_ncols=True)
+        for i, batch in enumerate(self.train_loader, start=first_batch):
             lr = self.lr_at(epoch, i)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with acc.accumulate(model):
+            group = accumulation_group(i, n, cfg.grad_accum)    # micro-batches in this optimiser step
+            sync = (i + 1) % cfg.grad_accum == 0 or i + 1 == n   # its last one: all-reduce and step
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
                 loss, logs = self.method.loss(model, batch, epoch)
-                acc.backward(loss)
+                acc.backward(loss / group if group > 1 else loss)
+            if sync:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
                 self.method.after_step(model)
                 self.state["step"] += 1
             for k, v in logs.items():
@@ -209,17 +211,44 @@ class Engine:
             images += self.per_process_batch
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
                 loss_so_far = (sums['loss'] / (i + 1)).item()
+                self.stop.saw_loss(loss_so_far)
                 bar.set_postfix(loss=f"{loss_so_far:.4f}", lr=f"{lr:.4g}")
                 self.track({"train/loss": loss_so_far, "train/lr": lr}, self.state["step"])
             bar.update(1)
+            if sync and (reason := self.stop.poll()):
+                stop = (i + 1, reason)
+                break
+        else:
+            if reason := self.stop.settle():    # the flags of the epoch's last step, on every rank
+                stop = (n, reason)
         bar.close()
+        if stop:
+            self.stop_inside_epoch(epoch, *stop, sums)
+            return None
         self.sync_buffers()
         seconds = time.perf_counter() - t0
         totals = torch.stack(list(sums.values())) / n                 # one read-back per epoch
         means = dict(zip(sums, (acc.reduce(totals, "mean") if acc.num_processes > 1 else totals).tolist()))
-        means.update(lr=lr, seconds=seconds, train_images_per_s=images * acc.num_processes / seconds)
+        means.update(lr=self.lr_at(epoch, n - 1), seconds=seconds,
+                     train_images_per_s=images * acc.num_processes / seconds)
         self.log(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in means.items()))
         return means
+
+    def stop_inside_epoch(self, epoch: int, batch: int, reason: str, sums: dict) -> None:
+        """A non-finite loss: Diverged, nothing saved. A signal: checkpoints/last at this step, one line."""
+        if reason == "nonfinite":
+            raise Diverged(f"the training loss is not finite at epoch {epoch} (step {self.state['step']}, batch "
+                           f"{batch} of {len(self.train_loader)}, lr {self.lr_at(epoch, batch - 1):.6g}); stopped: "
+                           f"{self.checkpoints.describe_last()}. Lower --lr (a new --out), or --nonfinite-loss "
+                           f"continue to train on")
+        self.save_checkpoint("last", batch=batch, sums=sums)
+        self.log_interrupted(epoch, batch)
+
+    def log_interrupted(self, epoch: int, batch: int) -> None:
+        inside = f", batch {batch} of {len(self.train_loader)}" if batch else ""
+        self.log(f"{self.stop.signal_name()}: stopped at epoch {epoch} (step {self.state['step']}){inside}; "
+                 f"checkpoints/last holds this step; continue with --resume {self.run_dir} (a chain: the same "
+                 f"command)")
 
     def sync_buffers(self) -> None:
         """Average the BatchNorm running statistics over ranks. DDP only broadcasts rank 0's
@@ -227,11 +256,16 @@ class Engine:
         this, each rank would evaluate its part of the test set with a slightly different model."""
         if self.accelerator.num_processes == 1:
             return
-        for module in self.accelerator.unwrap_model(self.model).modules():
+        for _, buffer in self.batchnorm_statistics():
+            torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+            buffer /= self.accelerator.num_processes
+
+    def batchnorm_statistics(self):
+        """(name, tensor) of every BatchNorm running mean and variance: each rank's own inside an epoch."""
+        for name, module in self.accelerator.unwrap_model(self.model).named_modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                for buffer in (module.running_mean, module.running_var):
-                    torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
-                    buffer /= self.accelerator.num_processes
+                yield f"{name}.running_mean", module.running_mean
+                yield f"{name}.running_var", module.running_var
 
     def evaluate(self, epoch: int, split: str | None = None) -> dict:
         """Classification metrics of the current model on `split` (default: the selection split)."""
@@ -252,7 +286,7 @@ class Engine:
         self.last_metrics, self.last_confusion = metrics, confusion
         return metrics
 
-    def final_and_best(self) -> tuple[dict, "np.ndarray", dict | None]:
+    def final_and_best(self) -> tuple[dict, "Confusion", dict | None]:
         """The report split (test, else val) for the final model and for the best epoch's checkpoint (the
         epoch with the highest top-1 on the selection split). Leaves the final model in place."""
         last = self.cfg.epochs - 1
@@ -267,105 +301,47 @@ class Engine:
             best = dict(final)
             self.save_best_backbone()
         else:
-            checkpoints = self.run_dir / "checkpoints"
-            self.accelerator.load_state(str(checkpoints / "best"))
+            self.checkpoints.load("best")
             best = self.evaluate(best_epoch, self.report_split)
             self.save_best_backbone()
-            self.accelerator.load_state(str(checkpoints / "last"))
+            self.checkpoints.load("last")
         return final, confusion, best | {"selected_on": self.eval_split, "selection_top1": self.state["best_top1"]}
 
     # ------------------------------------------------------------------------------------------
     def write_jsonl(self, record: dict) -> None:
         """One line per epoch, appended before that epoch's checkpoint; `trim_metrics` drops it again when a
         run resumes from an earlier checkpoint, so no epoch is ever listed twice."""
-        if self.is_main:
-            try:
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                raise RunDirError(self.io_error(e, self.run_dir / "metrics.jsonl")) from None
+        self.checkpoints.append_metrics(record, self.state["epoch"])
 
-    def save_checkpoint(self, name: str) -> None:
-        """Write checkpoints/NAME so that a kill at any instant leaves a complete checkpoint to resume from:
-        1. every rank: `save_state` into `.NAME.tmp` (removed first if a kill left one);
-        2. main: fsync, then `trainer_state.json` (temp name + rename), which marks the directory complete;
-        3. main: NAME -> `.NAME.old`, `.NAME.tmp` -> NAME, remove `.NAME.old` (its trainer_state.json first).
-        Between the renames only `.NAME.old` and `.NAME.tmp` exist; `find_checkpoint` takes the newest complete
-        one. A failed write (full disk) raises RunDirError on every rank and leaves NAME as it was."""
-        acc = self.accelerator
-        ckdir = self.run_dir / "checkpoints"
-        final, tmp = ckdir / name, ckdir / f".{name}.tmp"
-        error = None
-        try:
-            if self.is_main:
-                remove_checkpoint(tmp)
-            acc.wait_for_everyone()
-            acc.save_state(str(tmp))
-        except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as SafetensorError
-            error = _one_line(e)
-        error = self.first_error(error)  # every rank has written its part (or some rank failed)
-        if error is None and self.is_main:
-            try:
-                fsync_tree(tmp)
-                write_atomic(tmp / STATE_FILE, json.dumps(self.state | {"format": CHECKPOINT_FORMAT}))
-                promote_checkpoint(tmp, final)
-            except Exception as e:
-                error = _one_line(e)
-        error = self.first_error(error)
-        acc.wait_for_everyone()
-        if error is not None:
-            if self.is_main:
-                try:
-                    remove_checkpoint(tmp)  # the half-written one; NAME is untouched
-                except OSError:
-                    pass
-            kept = (f"checkpoints/{name} still holds the previous complete checkpoint"
-                    if (final / STATE_FILE).exists() else f"no complete checkpoints/{name} was written yet")
-            raise RunDirError(f"could not write checkpoint {tmp} after epoch {self.state['epoch']}: {error}"
-                              f"{_free_space(ckdir)}; {kept}. Fix this, then continue with --resume {self.run_dir}")
-
-    def first_error(self, error: str | None) -> str | None:
-        """The first rank's error message, on every rank (a collective: no rank is left waiting at a barrier)."""
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-            error = next((e for e in gather_object([error]) if e), None)
-        return error
-
-    def io_error(self, e: OSError, path: Path) -> str:
-        where = e.filename or path
-        done = self.state["epoch"]
-        tail = (f"{self.run_dir} keeps its last complete checkpoint (after {done} epoch(s)): fix this, then continue "
-                f"with --resume {self.run_dir}" if (self.run_dir / "checkpoints").exists()
-                else "choose another --out or fix its permissions / free space")
-        return f"cannot write {where}: {e.strerror or e}; {tail}"
+    def save_checkpoint(self, name: str, batch: int = 0, sums: dict | None = None) -> None:
+        """checkpoints/NAME with the engine's state (see fasttrain/checkpoints.py for how it is written). Inside
+        an epoch (`batch` > 0) also the batch and, per rank, the running `sums` and BatchNorm statistics."""
+        if not batch:
+            return self.checkpoints.save(name, self.state)
+        several = self.accelerator.num_processes > 1
+        statistics = {k: v.clone() for k, v in self.batchnorm_statistics()} if several else {}
+        self.checkpoints.save(name, self.state | {"batch": batch, "processes": self.accelerator.num_processes},
+                              rank_progress={"sums": sums, "batchnorm": statistics})
 
     def resume(self) -> None:
-        """Continue from the newest complete checkpoint (`find_checkpoint`); a corrupt one is a CheckpointError
-        naming the file and the other checkpoints there are. After every rank has loaded, the main process
-        makes the one it resumed from `checkpoints/last` and removes leftovers of an interrupted save."""
-        acc, ckdir = self.accelerator, self.run_dir / "checkpoints"
-        ckpt, state = find_checkpoint(ckdir, "last")
-        if ckpt is None:
+        """Continue from the newest complete checkpoint; a corrupt one is a CheckpointError naming the file and
+        the other checkpoints there are (fasttrain/checkpoints.py)."""
+        restored = self.checkpoints.restore(self.accelerator.unwrap_model(self.model), self.cfg.data)
+        if restored is None:
             self.log(f"--resume {self.run_dir}: no complete checkpoint yet; starting at epoch 0")
             return
-        try:
-            check_checkpoint_shapes(ckpt, acc.unwrap_model(self.model), self.cfg.data)
-            acc.load_state(str(ckpt))
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot resume {self.run_dir} from {ckpt}: {damaged_file(ckpt) or _one_line(e)}. "
-                                  + alternatives(self.run_dir, ckpt)) from e
-        self.state.update({k: v for k, v in state.items() if k != "format"})
-        acc.wait_for_everyone()
-        if self.is_main:
-            try:
-                promote_checkpoint(ckpt, ckdir / "last")
-                tidy_checkpoints(ckdir)
-            except OSError as e:
-                raise RunDirError(self.io_error(e, ckdir)) from None
-        acc.wait_for_everyone()
+        ckpt, state, progress = restored
+        batch = state.pop("batch", 0)
+        state.pop("processes", None)
+        self.state.update(state)
+        if batch:
+            for name, buffer in self.batchnorm_statistics():
+                if name in progress["batchnorm"]:
+                    buffer.copy_(progress["batchnorm"][name])
+            self.partial_epoch = {"first_batch": batch,
+                                  "sums": {k: v.to(self.device) for k, v in progress["sums"].items()}}
         self.log(f"resumed {self.run_dir} at epoch {self.state['epoch']} (step {self.state['step']})"
+                 + (f", batch {batch} of {len(self.train_loader)}" if batch else "")
                  + (f" from {ckpt.name} (a save was interrupted)" if ckpt.name != "last" else ""))
 
     def save_best_backbone(self) -> None:
@@ -384,7 +360,7 @@ class Engine:
         if self.is_main:
             model = bare_model(self.model)            # no DDP / torch.compile prefixes in the saved files
             self.method.export(model, self.run_dir)
-            torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": self.cfg.head,
+            torch.save({"arch": self.cfg.arch, "width": self.cfg.width, "head": head_for(self.cfg.head, self.cfg.loss),
                         "num_classes": self.method.num_outputs(), "in_channels": self.dataset.channels,
                         "method": self.cfg.method, "state_dict": model.state_dict()}, self.run_dir / "model.pt")
             if final is not None:
@@ -396,6 +372,14 @@ class Engine:
         tracking.finish(acc)
         acc.wait_for_everyone()
         self.log(f"finished {self.run_dir}")
+
+
+def accumulation_group(batch: int, batches: int, accum: int) -> int:
+    """How many micro-batches the optimiser step that batch `batch` (0-based, of `batches` in the epoch) belongs
+    to makes up: `accum`, or fewer for the epoch's last step when `accum` does not divide the epoch. Gradients
+    never cross an epoch: each step's loss is the mean over its own micro-batches, as one batch of that size."""
+    start = batch - batch % accum
+    return min(accum, batches - start)
 
 
 def batch_and_lr(cfg: Config, processes: int) -> str:
@@ -440,184 +424,46 @@ def lr_at(cfg: Config, epoch: int, step: int = 0, steps: int = 1) -> float:
         return base
     raise ValueError(f"unknown --schedule {cfg.schedule!r}; valid: step, cosine, constant")
 
-def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Refuse, before anything is written, a launch that would change an existing run: `--out` on a folder
-    that holds a run, or `--resume` with other settings than the run's config.yaml."""
-    started = (run_dir / "checkpoints").exists() or (run_dir / "DONE").exists()
-    if started and not cfg.resume:
-        raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                              f"or choose a new --out")
-    saved = run_dir / "config.yaml"
-    if cfg.resume and saved.is_file():
-        changed = cfg.changed_from(Config.load(saved))
-        if changed:
-            raise ConfigError(f"--resume {run_dir}: cannot change {changed} of a saved run (see {saved}); "
-                              f"start a new run directory instead")
 
+def schedule_line(cfg: Config) -> str:
+    """The one line, printed at start, saying what the schedule does in this run: the lr of every epoch (1-based)
+    as ranges, a constant range with its value, a changing one (warm-up, cosine) with its first and last value;
+    DRW's first epoch when --reweight drw; and a warning when no epoch trains within 10% of the base lr (a run
+    too short for the schedule's positions, e.g. a 1-epoch cosine run trains at lr 0)."""
+    base = cfg.effective_lr()
+    lrs = [lr_at(cfg, e) for e in range(cfg.epochs)]
+    warmup = cfg.schedule_epochs()["warmup"]
 
-def read_state(ckpt: Path) -> dict | None:
-    """The checkpoint's trainer_state.json, or None when the directory is incomplete (no such file)."""
-    path = ckpt / STATE_FILE
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt ({_one_line(e)}). "
-                              + alternatives(ckpt.parent.parent, ckpt)) from None
-    if not isinstance(state, dict) or "epoch" not in state:
-        raise CheckpointError(f"{path} is not a fasttrain trainer state. " + alternatives(ckpt.parent.parent, ckpt))
-    return state
+    def same(a: float, b: float) -> bool:
+        return math.isclose(a, b, rel_tol=1e-12)
 
-
-def find_checkpoint(ckdir: Path, name: str) -> tuple[Path | None, dict]:
-    """The newest complete checkpoint of NAME: NAME itself, or - after a kill inside save_checkpoint -
-    `.NAME.tmp` (saved, not yet renamed) or `.NAME.old` (the previous one, moved aside). Ties go to NAME."""
-    best, best_state = None, {}
-    for ckpt in (ckdir / name, ckdir / f".{name}.tmp", ckdir / f".{name}.old"):
-        state = read_state(ckpt) if ckpt.is_dir() else None
-        if state is not None and (best is None or (state["epoch"], state.get("step", 0))
-                                  > (best_state["epoch"], best_state.get("step", 0))):
-            best, best_state = ckpt, state
-    return best, best_state
-
-
-def remove_checkpoint(ckpt: Path) -> None:
-    """trainer_state.json first, so a kill during the removal never leaves a directory that looks complete."""
-    if not ckpt.exists():
-        return
-    (ckpt / STATE_FILE).unlink(missing_ok=True)
-    shutil.rmtree(ckpt)
-
-
-def promote_checkpoint(src: Path, final: Path) -> None:
-    """Make the complete checkpoint `src` the one named `final`, with atomic renames only (main process)."""
-    if src == final:
-        return
-    old = final.with_name(f".{final.name}.old")
-    if src == old:  # final is missing: a kill came between the two renames and no newer save completed
-        remove_checkpoint(final)
-        old.rename(final)
-        return
-    if final.exists():
-        remove_checkpoint(old)
-        final.rename(old)
-    src.rename(final)
-    remove_checkpoint(old)
-
-
-def tidy_checkpoints(ckdir: Path) -> None:
-    """After resuming: each checkpoint family (last, best) back to one complete directory under its name."""
-    for name in ("last", "best"):
-        ckpt, _ = find_checkpoint(ckdir, name)
-        if ckpt is not None:
-            promote_checkpoint(ckpt, ckdir / name)
-        for leftover in (ckdir / f".{name}.tmp", ckdir / f".{name}.old"):
-            remove_checkpoint(leftover)
-
-
-def damaged_file(ckpt: Path) -> str | None:
-    """Which file of a checkpoint is empty, truncated or unreadable (only called after loading failed)."""
-    for path in sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != STATE_FILE):
-        if path.stat().st_size == 0:
-            return f"{path} is empty"
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                load_file(str(path))
-            elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
-                torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            return f"{path} is truncated or corrupt ({_one_line(e)})"
-    return None
-
-
-def alternatives(run_dir: Path, broken: Path) -> str:
-    """What the user can do instead: the other complete checkpoints of the run, or starting over."""
-    others = []
-    for ckpt in sorted((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").is_dir() else []:
-        if ckpt != broken and ckpt.is_dir():
-            try:
-                state = read_state(ckpt)
-            except CheckpointError:
-                state = None
-            if state is not None:
-                others.append(f"{ckpt} (after {state['epoch']} epoch(s)): `rm -r {broken} && cp -r {ckpt} "
-                              f"{broken}`, then --resume {run_dir} again")
-    keep = f"To continue from {'; or from '.join(others)}; or" if others else "No other complete checkpoint is there;"
-    return f"{keep} start over with a new --out (or delete {run_dir})"
-
-
-def trim_metrics(path: Path, epoch: int, step: int) -> None:
-    """Keep only metrics.jsonl lines from before `epoch` (after a resume from an earlier checkpoint, or a
-    fresh start); also drops a line cut short by a kill. Rewritten via temp name + rename."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("epoch", -1) < epoch and ("epoch" in record or record.get("step", 0) <= step):
-            keep.append(line)
-    if keep != lines:
-        write_atomic(path, "".join(f"{line}\n" for line in keep))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush a freshly written checkpoint to disk before it is marked complete."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _free_space(path: Path) -> str:
-    try:
-        probe = next(p for p in (path, *path.parents) if p.exists())
-        return f" ({shutil.disk_usage(probe).free / 2 ** 20:.1f} MiB free on {probe})"
-    except (OSError, StopIteration):
-        return ""
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
-
-
-def check_checkpoint_shapes(ckpt: Path, model: torch.nn.Module, data: str) -> None:
-    """A clear error (not a wall of size-mismatch text) when a checkpoint does not fit this model/data."""
-    files = sorted(ckpt.glob("model*.safetensors")) or sorted(ckpt.glob("pytorch_model*.bin"))
-    if not files:
-        raise CheckpointError(f"{ckpt}: no model weights in the checkpoint. " + alternatives(ckpt.parent.parent, ckpt))
-    if files[0].suffix == ".safetensors":
-        from safetensors.torch import load_file
-        saved = load_file(str(files[0]))
-    else:
-        saved = torch.load(files[0], map_location="cpu", weights_only=True)
-    expected = model.state_dict()
-    bad = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in saved.items()
-           if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if bad:
-        key, got, want = next(((k, g, w) for k, g, w in bad if k.startswith("fc")), bad[0])
-        hint = (f"the checkpoint's classifier has {got[0]} classes but the data in {data} has {want[0]}"
-                if key.startswith("fc") else "the checkpoint was made with a different architecture")
-        raise CheckpointError(f"cannot resume from {ckpt}: {key} has shape {got}, this model needs {want} "
-                              f"({hint}); use a new --out directory or the matching --data")
+    parts, i = [], 0
+    while i < len(lrs):
+        j = i
+        if i + 1 < len(lrs) and same(lrs[i + 1], lrs[i]):               # a constant range
+            while j + 1 < len(lrs) and same(lrs[j + 1], lrs[i]):
+                j += 1
+            value = f"{lrs[i]:.4g}"
+        else:                                                           # a changing range, up to the next constant one
+            while j + 1 < len(lrs) and not same(lrs[j + 1], lrs[j]) and not (
+                    j + 2 < len(lrs) and same(lrs[j + 2], lrs[j + 1])):
+                j += 1
+            kind = " + ".join(k for k, on in (("warm-up", i + 1 < warmup), (cfg.schedule, j + 1 >= warmup)) if on)
+            value = f"{lrs[i]:.4g}" if i == j else f"{lrs[i]:.4g} -> {lrs[j]:.4g} ({kind})"
+        parts.append(f"{i + 1}{'' if i == j else f'-{j + 1}'}: {value}")
+        i = j + 1
+    step = "; --lr-update step: it also changes within epochs" if cfg.lr_update == "step" else ""
+    line = f"lr by epoch (base {base:.6g}{step}): " + ", ".join(parts)
+    if cfg.reweight == "drw":
+        drw = cfg.schedule_epochs()["drw"]
+        line += f"; DRW from epoch {drw + 1}" if drw < cfg.epochs else f"; DRW never (it starts at epoch {drw + 1})"
+    top = max(range(len(lrs)), key=lrs.__getitem__)
+    if lrs[top] < 0.9 * base:
+        line += (f" -- WARNING: no epoch trains within 10% of the base lr {base:.6g} (highest: {lrs[top]:.4g} in "
+                 f"epoch {top + 1}): the schedule's warm-up and decay leave no epoch at the base lr in this "
+                 f"{cfg.epochs}-epoch run; give more --epochs, other positions (--warmup-epochs, --milestone-epochs) "
+                 f"or --schedule constant")
+    return line
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:

@@ -78,7 +78,8 @@ class FocalLoss(_WeightedLoss):
 
 class LDAMLoss(_WeightedLoss):
     """Cao et al. 2019: cross-entropy of scale * (logits - m_y on the true class). The scale belongs
-    here, not in the model: pair it with the cosine head (`head='cosine'`), as LDAM-DRW does."""
+    here, not in the model: pair it with the cosine head, as LDAM-DRW and the paper's code do (`--loss ldam`
+    selects it unless --head is given)."""
 
     def __init__(self, class_counts: CountsLike, max_margin: float = 0.5, scale: float = 30.0,
                  weight: CountsLike | None = None):

@@ -6,9 +6,12 @@ and the pool joins the labeled set as ONE training set:
     write_pseudo_dataset(data, table, out/data) # -> a dataset directory: train = labeled + pseudo-labeled
     --method supervised --data out/data         # the joint stage: an ordinary supervised run
 
+The base model is the base run's final-epoch weights (`RUN/model.pt`). The paper's gen_pseudolabels.py
+labels with whichever checkpoint its user passes (train.py keeps the last and the best-test-epoch one);
+the final one is used here so that no test accuracy chooses the model that labels the pool.
 As in the paper's code, every pool sample gets its argmax label (no threshold unless --pseudo-threshold
 is given), the union is shuffled by the loader, an epoch is one pass over it and each step's loss is the
-plain batch mean; class counts for re-weighting / DRW / LDAM / the balanced sampler are the joint split's
+plain batch mean; class counts for re-weighting / DRW / LDAM / the samplers are the joint split's
 counts (labeled + pseudo-labeled). Evaluation shot groups (many/medium/few) keep the LABELED counts,
 recorded in the derived manifest as `labeled_class_counts`. The pool's true labels
 (`unlabeled.true_labels.npy`) are never read here.

@@ -9,8 +9,9 @@ As a library (each group's runs given in seed order):
     summary = summarize({"CE": [run_s0, run_s1], "CE + rotation SSP": [ssp_s0, ssp_s1]})
     write_results(summary, "results.json"); print(markdown(summary)); plot_groups(summary, "groups.png")
 
-Each run's metrics.json holds a "final" block and (for runs that evaluate) a "best" block; older run
-directories without the "final" block are read from the top-level keys, which describe the final epoch.
+Each run's metrics.json holds a "final" block and (for runs that evaluate) a "best" block; `read_blocks` turns
+them into whole records (per-class accuracies included, which the file keeps once). Older run directories
+without the "final" block are read from the top-level keys, which describe the final epoch.
 """
 from __future__ import annotations
 
@@ -47,10 +48,22 @@ def read_run(run: str | Path) -> dict:
         raise ReportError(f"{path}: not valid JSON ({e})") from None
     config_path = run / "config.yaml"
     config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-    final = metrics.get("final") or {k: metrics.get(k) for k in ("epoch", "split", "top1", "top5", "many",
-                                                                  "medium", "few", "per_class")}
-    return {"path": str(run), "seed": config.get("seed"), "config": config, "final": final,
-            "best": metrics.get("best") or None}
+    final, best = read_blocks(metrics)
+    return {"path": str(run), "seed": config.get("seed"), "config": config, "final": final, "best": best}
+
+
+def read_blocks(metrics: dict) -> tuple[dict, dict | None]:
+    """(final, best) of a loaded metrics.json, each a whole evaluation record: epoch, split, top-1/5,
+    many/medium/few, label and per_class. metrics.json keeps the final per-class accuracies once, at the top
+    level, and the best block's own only when its epoch is not the final one (fasttrain.evaluate's
+    METRICS_LAYOUT); older files without the blocks are read from the top level (the final epoch)."""
+    final = dict(metrics.get("final") or {k: metrics.get(k) for k in ("epoch", "split", "top1", "top5", "many",
+                                                                      "medium", "few")})
+    final.setdefault("per_class", metrics.get("per_class"))
+    best = dict(metrics["best"]) if metrics.get("best") else None
+    if best is not None:
+        best.setdefault("per_class", metrics.get("per_class"))
+    return final, best
 
 
 def _stats(values: list) -> dict:

@@ -200,7 +200,7 @@ def report(out: Path, data: dict, seeds) -> None:
         ms = [json.loads((r / "metrics.json").read_text()) for r in runs]
         counts = ms[0]["train_class_counts"]
         per_class[label] = np.mean([m["per_class"] for m in ms], axis=0).tolist()
-    plot_per_class(per_class, counts, out / "per_class.png",
+    plot_per_class(per_class, counts, out / "per_class.png", split="test",
                    title=f"Fashion-MNIST-LT (rho 100), test accuracy, mean of seeds {','.join(map(str, seeds))}")
     print("\n" + text + f"\nsaved {out / 'results.json'}, {out / 'results.md'}, {out / 'groups.png'} and "
           f"{out / 'per_class.png'}")

@@ -14,9 +14,11 @@ processes); where `lr_ref_batch` is set, the lr is given at that batch and scale
 CIFAR = dict(arch="resnet32", epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=2e-4,
              schedule="step", warmup=0.025, milestones=[0.8, 0.9], milestone_factors=[0.01, 0.0001],
              lr_update="epoch_end", drw_at=0.8, loader="device")
-LDAM_DRW = dict(loss="ldam", head="cosine", reweight="drw")
+LDAM_DRW = dict(loss="ldam", reweight="drw")          # --head auto: the cosine head, as train.py with LDAM
 DRW = dict(loss="ce", reweight="drw")
-CE_BALANCED = dict(loss="ce", sampler="balanced")     # train.py --train_rule Resample (ImbalancedDatasetSampler)
+# train.py --train_rule Resample (utils.ImbalancedDatasetSampler): every sample weighted by its class's
+# (1 - 0.9999) / (1 - 0.9999^n_c), drawn with replacement (not class-uniform: that is --sampler balanced).
+RESAMPLE = dict(loss="ce", sampler="resample", cb_beta=0.9999)
 
 # Rotation pre-training on the labeled long-tailed set (same optimiser and schedule).
 ROTATION = dict(CIFAR, method="rotation")

@@ -1,7 +1,9 @@
 """Semi-supervised self-training on SVHN-LT, with the `extra` split as the unlabeled pool (convert with
-`--source svhn`): base model -> pseudo-label the pool -> joint training. ResNet-32, paper defaults.
+`--source svhn`): CE base model -> pseudo-label the pool with its final weights -> joint training.
+ResNet-32, paper defaults; the stages, and which of them the flags reach, are those of semi_cifar_lt.py
+(method flags such as --loss reach the joint stage only; --set base.KEY=VALUE sets the base model).
 
-    python recipes/semi_svhn_lt.py --data DATA --out RUN
+    python recipes/semi_svhn_lt.py --data DATA --out RUN [--loss ldam --reweight drw]
 """
 import sys
 from pathlib import Path

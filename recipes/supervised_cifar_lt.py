@@ -4,8 +4,10 @@ linear warm-up over the first 5 epochs, lr x0.01 after epoch 160 and x0.0001 aft
 from epoch 160. These are positions in the run (5/200, 160/200, 180/200), so `--epochs 20` warms up for half
 an epoch, decays after 16 and 18 and re-weights from 16. metrics.json has the final epoch and the best test
 epoch (the figure the paper's scripts report). Image size, channels and classes come from the dataset manifest.
+The paper's train rules: `--reweight cb` (Reweight), `--reweight drw` (DRW), `--sampler resample` (Resample);
+`--loss ldam` trains with the cosine head, as the paper's code, unless --head is given.
 
-    python recipes/supervised_cifar_lt.py --data DATA --out RUN [--loss ldam --head cosine --reweight drw]
+    python recipes/supervised_cifar_lt.py --data DATA --out RUN [--loss ldam --reweight drw]
     accelerate launch recipes/supervised_cifar_lt.py --data DATA --out RUN
 """
 import sys

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny long-tailed datasets in the real on-disk format (written by data_prep)."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -82,15 +84,51 @@ def fit(data, out, **overrides) -> str:
         reset_accelerate()
 
 
+def resumed_at(log: str, run_dir) -> tuple[int, int, int, str]:
+    """Where the engine's log says the run resumed: (epoch, step, batch inside the epoch or 0, the checkpoint
+    directory it was taken from). Exactly one such line."""
+    found = re.findall(rf"resumed {re.escape(str(run_dir))} at epoch (\d+) \(step (\d+)\)(?:, batch (\d+) of \d+)?"
+                       rf"(?: from (\S+) \(a save was interrupted\))?\n", log)
+    assert len(found) == 1, f"expected one resume line for {run_dir}: {found}"
+    epoch, step, batch, source = found[0]
+    return int(epoch), int(step), int(batch or 0), source or "last"
+
+
+def mark_metrics(run_dir) -> list[str]:
+    """Tag every line of RUN/metrics.jsonl ("kept": true) and return the tagged lines: a resumed run must keep
+    the lines of the epochs it does not redo byte for byte (an epoch trained again would log an untagged line)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.dumps(json.loads(line) | {"kept": True}))
+        except ValueError:              # a line cut short by a kill stays as it is (a resume drops it)
+            lines.append(line)
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return [line for line in lines if line.endswith('"kept": true}')]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Runs compared bit for bit need the same number of torch threads: with OMP_NUM_THREADS set, the engine
+    keeps the process's count, which an FFCV loader of an earlier test (workers=2) changes."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
     reset_accelerate()
 
 
-def launch_two_processes(script, *args, timeout=600) -> subprocess.CompletedProcess:
+def launch_two_processes(script, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
     """`accelerate launch` with two CPU processes (gloo), the way the multi-GPU path is tested here:
-    ACCELERATE_USE_CPU=true + --multi_gpu (plain --cpu --num_processes 2 silently runs one process)."""
+    ACCELERATE_USE_CPU=true + --multi_gpu (plain --cpu --num_processes 2 silently runs one process).
+    check: the launch must exit 0."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -100,5 +138,46 @@ def launch_two_processes(script, *args, timeout=600) -> subprocess.CompletedProc
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), str(script), *map(str, args)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-5000:]
     return result
+
+
+# ---------------------------------------------------------------- no silent skips in CI
+# With FASTTRAIN_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run unless its reason starts with one of
+# these: tests that need hardware CI does not have.
+ALLOWED_SKIPS = ("needs a CUDA device", "needs a GPU")
+_skips: list[tuple[str, str]] = []
+
+
+def _record_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skips.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def pytest_runtest_logreport(report):
+    _record_skip(report)
+
+
+def pytest_collectreport(report):
+    _record_skip(report)
+
+
+def _forbidden_skips() -> list[tuple[str, str]]:
+    if os.environ.get("FASTTRAIN_NO_SKIPS") != "1":
+        return []
+    return [(node, reason) for node, reason in _skips if not reason.startswith(ALLOWED_SKIPS)]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _forbidden_skips() and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    forbidden = _forbidden_skips()
+    if forbidden:
+        terminalreporter.section(f"{len(forbidden)} skipped test(s) not allowed in CI (tests/conftest.py, "
+                                 f"ALLOWED_SKIPS): the run fails", red=True)
+        for node, reason in forbidden:
+            terminalreporter.write_line(f"{node}: {reason}")

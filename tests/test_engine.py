@@ -11,7 +11,7 @@ import torch
 from fasttrain.config import Config
 from fasttrain.dataset import DatasetError
 
-from conftest import fit, write_tiny
+from conftest import TINY_RUN, fit, mark_metrics, resumed_at, write_tiny
 
 # four epochs with warm-up and a step, so resuming has to get the schedule right
 SCHEDULE = dict(epochs=4, warmup_epochs=1, schedule="step", milestone_epochs=[3], milestone_factors=[0.1])
@@ -32,14 +32,14 @@ def weights(run_dir):
 def test_run_writes_everything(tiny_raw, tmp_path):
     out = tmp_path / "run"
     assert run(tiny_raw, out) == "done"
-    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "confusion.npy", "per_class.png", "model.pt",
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "confusion.npz", "per_class.png", "model.pt",
                  "backbone.pt", "DONE", "checkpoints/last", "checkpoints/best"):
         assert (out / name).exists(), name
     m = json.loads((out / "metrics.json").read_text())
     assert {"top1", "top5", "many", "medium", "few", "per_class", "train_class_counts"} <= set(m)
     assert m["train_class_counts"] == [48, 24, 12, 6] and m["num_eval_images"] == 64
     assert m["many"] is None and m["medium"] is not None and m["few"] is not None  # counts 48/24 medium, 12/6 few
-    assert np.load(out / "confusion.npy").sum() == 64
+    assert np.load(out / "confusion.npz")["counts"].sum() == 64
     assert Config.load(out / "config.yaml").epochs == 4
     assert len(losses(out)) == 4 and all(np.isfinite(losses(out)))
 
@@ -49,18 +49,22 @@ def test_learns_the_tiny_task(tiny_raw, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["top1"] > 40  # chance is 25
 
 
-def test_stop_and_resume_equals_uninterrupted(tiny_raw, tmp_path):
+def test_stop_and_resume_equals_uninterrupted(tiny_raw, tmp_path, capsys):
     full, part = tmp_path / "full", tmp_path / "part"
     run(tiny_raw, full)
     assert run(tiny_raw, part, stop_after_epochs=2) == "stopped"
     assert not (part / "DONE").exists() and len(losses(part)) == 2
+    before = mark_metrics(part)
+    capsys.readouterr()
     assert run(tiny_raw, part, resume=str(part)) == "done"
+    assert resumed_at(capsys.readouterr().out, part) == (2, 10, 0, "last")   # 2 epochs of 5 steps
+    assert (part / "metrics.jsonl").read_text().splitlines()[:2] == before   # kept, not written again
     assert losses(part) == losses(full)
     for k, v in weights(full).items():
         assert torch.equal(v, weights(part)[k]), k
 
 
-def test_killed_mid_epoch_resumes_from_last_checkpoint(tiny_raw, tmp_path, monkeypatch):
+def test_killed_mid_epoch_resumes_from_last_checkpoint(tiny_raw, tmp_path, monkeypatch, capsys):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(tiny_raw, full)
     from fasttrain.methods.supervised import Supervised
@@ -80,7 +84,11 @@ def test_killed_mid_epoch_resumes_from_last_checkpoint(tiny_raw, tmp_path, monke
     (killed / "checkpoints" / ".last.tmp").mkdir()  # a half-written checkpoint must be ignored
     with pytest.raises(FileExistsError, match="--resume"):
         run(tiny_raw, killed)
+    before = mark_metrics(killed)
+    capsys.readouterr()
     assert run(tiny_raw, killed, resume=str(killed)) == "done"
+    assert resumed_at(capsys.readouterr().out, killed) == (2, 10, 0, "last")  # epoch 2 lost, started again
+    assert (killed / "metrics.jsonl").read_text().splitlines()[:2] == before
     assert losses(killed) == losses(full)
 
 
@@ -144,3 +152,21 @@ def test_apex_absent_is_a_clear_error(tiny_raw, tmp_path):
         pass
     with pytest.raises(RuntimeError, match="NVIDIA apex"):
         run(tiny_raw, tmp_path / "run", optimizer="apex_lamb")
+
+
+def test_gradient_accumulation_steps_at_the_end_of_every_epoch(tiny_raw, tmp_path):
+    """90 train images at batch 16 are 5 micro-batches an epoch; with --grad-accum 2 the optimiser steps after
+    micro-batches 2, 4 and 5 (that last step averages its one micro-batch), so no gradient is carried into
+    the next epoch and an epoch is steps_per_epoch steps."""
+    from fasttrain.engine import Engine, accumulation_group
+    assert [accumulation_group(i, 5, 2) for i in range(5)] == [2, 2, 2, 2, 1]
+    assert [accumulation_group(i, 6, 4) for i in range(6)] == [4, 4, 4, 4, 2, 2]
+    engine = Engine(Config(data=str(tiny_raw), out=str(tmp_path / "run")).update(
+        dict(TINY_RUN, epochs=2, grad_accum=2)))
+    assert len(engine.train_loader) == 5 and engine.steps_per_epoch == 3
+    engine.train_epoch(0)
+    assert engine.state["step"] == 3
+    assert all(p.grad is None for p in engine.model.parameters())     # nothing left over for epoch 2
+    engine.train_epoch(1)
+    assert engine.state["step"] == 6
+    engine.close()

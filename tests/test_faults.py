@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from fasttrain.config import Config, ConfigError
-from fasttrain.engine import CheckpointError, RunDirError
+from fasttrain.checkpoints import CheckpointError, RunDirError, find_checkpoint
 
-from conftest import REPO, fit
+from conftest import REPO, fit, mark_metrics, resumed_at
 
 RUN = dict(width=0.25, epochs=3, schedule="step", warmup_epochs=1, milestone_epochs=[2], milestone_factors=[0.1])
 
@@ -42,6 +42,13 @@ def epochs(run_dir):
 
 def weights(run_dir):
     return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+
+
+def assert_kept(run_dir, before, epochs_kept):
+    """The metrics lines of the epochs the resumed checkpoint holds are the ones written before the kill."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert lines[:epochs_kept] == before[:epochs_kept]
+    assert not any('"kept"' in line for line in lines[epochs_kept:])   # later epochs were trained again
 
 
 def assert_same_as(run_dir, full):
@@ -74,20 +81,21 @@ def _removing(ckpt):  # remove_checkpoint cut short: trainer_state.json went fir
 
 
 # Each kill point of save_checkpoint("last") after epoch 1 (C1 = after epoch 0, C2 = after epoch 1), with the
-# epoch-1 line of metrics.jsonl already written (it is appended before the checkpoint is saved).
+# epoch-1 line of metrics.jsonl already written (it is appended before the checkpoint is saved), and where the
+# resume must continue: (epoch, step, batch, checkpoint directory taken); 5 steps per epoch.
 KILL_POINTS = {
-    "while saving to .last.tmp": dict(last="C1", tmp="C2", tmp_fix=_partial),
-    "after trainer_state.json, before the renames": dict(last="C1", tmp="C2"),
-    "between the two renames": dict(old="C1", tmp="C2"),
-    "before removing .last.old": dict(last="C2", old="C1"),
-    "while removing .last.old": dict(last="C2", old="C1", old_fix=_removing),
-    "while removing a stale .last.tmp": dict(last="C1", tmp="C1", tmp_fix=_removing),
+    "while saving to .last.tmp": (dict(last="C1", tmp="C2", tmp_fix=_partial), (1, 5, 0, "last")),
+    "after trainer_state.json, before the renames": (dict(last="C1", tmp="C2"), (2, 10, 0, ".last.tmp")),
+    "between the two renames": (dict(old="C1", tmp="C2"), (2, 10, 0, ".last.tmp")),
+    "before removing .last.old": (dict(last="C2", old="C1"), (2, 10, 0, "last")),
+    "while removing .last.old": (dict(last="C2", old="C1", old_fix=_removing), (2, 10, 0, "last")),
+    "while removing a stale .last.tmp": (dict(last="C1", tmp="C1", tmp_fix=_removing), (1, 5, 0, "last")),
 }
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_kill_at_every_point_of_a_checkpoint_save(tiny_raw, runs, tmp_path, point):
-    spec = KILL_POINTS[point]
+def test_kill_at_every_point_of_a_checkpoint_save(tiny_raw, runs, tmp_path, capsys, point):
+    spec, resumed = KILL_POINTS[point]
     out = tmp_path / "run"
     shutil.copytree(runs / "p1", out)
     ck = out / "checkpoints"
@@ -100,11 +108,15 @@ def test_kill_at_every_point_of_a_checkpoint_save(tiny_raw, runs, tmp_path, poin
                 spec[f"{key}_fix"](ck / name)
     with open(out / "metrics.jsonl", "a") as f:  # epoch 1's line, as written just before the save
         f.write(json.dumps(records(runs / "p2")[1]) + "\n")
+    before = mark_metrics(out)
+    capsys.readouterr()
     assert run(tiny_raw, out, resume=str(out)) == "done"
+    assert resumed_at(capsys.readouterr().out, out) == resumed
+    assert_kept(out, before, resumed[0])
     assert_same_as(out, runs / "full")
 
 
-def test_kill_inside_the_real_rename_sequence(tiny_raw, runs, tmp_path, monkeypatch):
+def test_kill_inside_the_real_rename_sequence(tiny_raw, runs, tmp_path, monkeypatch, capsys):
     """The code's own kill point between `last -> .last.old` and `.last.tmp -> last` (today's worst case)."""
     out = tmp_path / "run"
     real_rename, seen = Path.rename, []
@@ -123,16 +135,24 @@ def test_kill_inside_the_real_rename_sequence(tiny_raw, runs, tmp_path, monkeypa
     ck = out / "checkpoints"
     assert not (ck / "last").exists() and (ck / ".last.old").exists() and (ck / ".last.tmp").exists()
     assert epochs(out) == [0, 1]
+    before = mark_metrics(out)
+    capsys.readouterr()
     assert run(tiny_raw, out, resume=str(out)) == "done"
+    assert resumed_at(capsys.readouterr().out, out) == (2, 10, 0, ".last.tmp")
+    assert_kept(out, before, 2)
     assert_same_as(out, runs / "full")
 
 
-def test_metrics_line_cut_short_by_a_kill_is_dropped(tiny_raw, runs, tmp_path):
+def test_metrics_line_cut_short_by_a_kill_is_dropped(tiny_raw, runs, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(runs / "p1", out)
+    before = mark_metrics(out)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"loss": 1.23, "ep')
+    capsys.readouterr()
     assert run(tiny_raw, out, resume=str(out)) == "done"
+    assert resumed_at(capsys.readouterr().out, out) == (1, 5, 0, "last")
+    assert_kept(out, before, 1)
     assert_same_as(out, runs / "full")
 
 
@@ -140,12 +160,14 @@ def test_killed_before_the_first_checkpoint_then_started_again(tiny_raw, runs, t
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps(records(runs / "p1")[0]) + "\n")  # epoch 0 logged, no checkpoint
+    mark_metrics(out)
     assert run(tiny_raw, out) == "done"
+    assert_kept(out, [], 0)                                 # the line of the lost epoch 0 was dropped
     assert_same_as(out, runs / "full")
 
 
 # --- full disk, read-only run directory -----------------------------------------------------------------
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_raw, runs, tmp_path, monkeypatch):
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_raw, runs, tmp_path, monkeypatch, capsys):
     from accelerate import Accelerator
     real_save, saves = Accelerator.save_state, []
 
@@ -165,7 +187,11 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_raw, runs, tm
     ck = out / "checkpoints"
     assert json.loads((ck / "last" / "trainer_state.json").read_text())["epoch"] == 1
     assert not (ck / ".last.tmp").exists()
+    before = mark_metrics(out)
+    capsys.readouterr()
     assert run(tiny_raw, out, resume=str(out)) == "done"
+    assert resumed_at(capsys.readouterr().out, out) == (1, 5, 0, "last")
+    assert_kept(out, before, 1)
     assert_same_as(out, runs / "full")
 
 
@@ -177,7 +203,7 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_real_full_disk_on_a_tiny_tmpfs(tiny_raw, runs, tmp_path):
+def test_real_full_disk_on_a_tiny_tmpfs(tiny_raw, runs, tmp_path, capsys):
     mnt = tmp_path / "small"
     ckpt_kib = sum(p.stat().st_size for p in (runs / "p1" / "checkpoints" / "last").iterdir()) // 1024
     if not _mount_tmpfs(mnt, f"{int(ckpt_kib * 2.5)}k"):  # room for last + best, not for a third copy
@@ -192,7 +218,12 @@ def test_real_full_disk_on_a_tiny_tmpfs(tiny_raw, runs, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
     moved = tmp_path / "moved"
     assert not list((moved / "checkpoints").glob(".*"))  # the half-written checkpoint was removed
+    saved = json.loads((moved / "checkpoints" / "last" / "trainer_state.json").read_text())
+    before = mark_metrics(moved)
+    capsys.readouterr()
     assert run(tiny_raw, moved, resume=str(moved)) == "done"
+    assert resumed_at(capsys.readouterr().out, moved) == (saved["epoch"], saved["step"], 0, "last")
+    assert_kept(moved, before, saved["epoch"])
     assert_same_as(moved, runs / "full")
 
 
@@ -213,9 +244,10 @@ def test_read_only_run_directory(tiny_raw, runs, tmp_path):
 
 
 # --- rejected launches never touch an existing run ------------------------------------------------------
-def test_rejected_launch_leaves_the_run_untouched(tiny_raw, runs, tmp_path):
+def test_rejected_launch_leaves_the_run_untouched(tiny_raw, runs, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(runs / "p1", out)
+    lines = mark_metrics(out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(FileExistsError, match="--resume"):
         run(tiny_raw, out, lr=0.5)
@@ -224,7 +256,10 @@ def test_rejected_launch_leaves_the_run_untouched(tiny_raw, runs, tmp_path):
     with pytest.raises(ConfigError, match="--epochs 0"):
         run(tiny_raw, out, epochs=0, resume=str(out))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
     assert run(tiny_raw, out, resume=str(out)) == "done"
+    assert resumed_at(capsys.readouterr().out, out) == (1, 5, 0, "last")
+    assert_kept(out, lines, 1)
     assert Config.load(out / "config.yaml").lr == 0.05
     assert_same_as(out, runs / "full")
 
@@ -272,7 +307,7 @@ TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "16", "--warmup
     (["--batch-size", "0"], "--batch-size 0"), (["--workers", "-1"], "--workers -1"),
     (["--log-every", "0"], "--log-every 0"), (["--method", "nope"], "valid methods"),
     (["--loader", "nope"], "valid: ffcv, dali, torch, device"), (["--loss", "nope"], "valid: ce, focal"),
-    (["--sampler", "nope"], "valid: uniform, balanced, sqrt"), (["--schedule", "nope"], "valid: step, cosine"),
+    (["--sampler", "nope"], "valid: uniform, resample, balanced, sqrt"), (["--schedule", "nope"], "valid: step, cosine"),
     (["--precision", "fp8"], "valid: no, bf16, fp16"), (["--reweight", "nope"], "valid: none, cb, drw"),
     (["--head", "nope"], "valid: linear, cosine"), (["--optimizer", "adam"], "valid: sgd, apex_lamb"),
 ])
@@ -332,6 +367,9 @@ def test_bad_flag_in_a_real_process_exits_2_without_traceback(tiny_raw, tmp_path
 
 
 # --- a real kill -9 in the middle of a run --------------------------------------------------------------
+KILL_SEED = 20  # the kill's delay after the first checkpoint: drawn, but the same in every run of the test
+
+
 def test_kill_9_mid_run_then_resume_equals_uninterrupted(tiny_raw, tmp_path):
     args = [sys.executable, "recipes/supervised_cifar_lt.py", "--data", str(tiny_raw), *map(str, TINY[:-2]),
             "--epochs", "4", "--loader", "device", "--eval-every", "1"]
@@ -348,14 +386,19 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tiny_raw, tmp_path):
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    time.sleep(random.uniform(0, 0.5))  # anywhere in epoch 2, or inside its checkpoint save
+    time.sleep(random.Random(KILL_SEED).uniform(0, 0.5))  # anywhere in epoch 2, or inside its checkpoint save
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (killed / "DONE").exists(), "the run finished before it could be killed"
     assert uninterrupted.wait(timeout=600) == 0
+    newest, saved = find_checkpoint(killed / "checkpoints", "last")      # what the kill left
+    assert newest is not None and saved["epoch"] >= 1
+    before = mark_metrics(killed)
     resumed = subprocess.run([*args[:2], "--resume", str(killed)], capture_output=True, text=True, cwd=REPO,
                              env=python_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed_at(resumed.stdout, killed) == (saved["epoch"], saved["step"], 0, newest.name)
+    assert_kept(killed, before, saved["epoch"])
     assert epochs(killed) == [0, 1, 2, 3]
     assert losses(killed) == losses(full)
     final = json.loads((killed / "metrics.json").read_text())
@@ -375,10 +418,12 @@ def test_two_processes_resume_after_a_kill_between_the_renames(tiny_raw, tmp_pat
     (ck / "last").rename(ck / ".last.old")                 # killed between the two renames ...
     shutil.copytree(ck / ".last.old", ck / ".last.tmp")    # ... of a save whose .last.tmp was not complete
     (ck / ".last.tmp" / "trainer_state.json").unlink()
+    before = mark_metrics(out)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"loss": 9.9, "epoch": 1}\n')            # and epoch 1's line already written
     result = launch_two_processes(recipe, "--resume", out)
-    assert "resumed" in result.stdout + result.stderr and (out / "DONE").exists()
+    assert resumed_at(result.stdout + result.stderr, out) == (1, 5, 0, ".last.old") and (out / "DONE").exists()
+    assert_kept(out, before, 1)
     assert epochs(out) == [0, 1] and 9.9 not in losses(out)
     assert sorted(p.name for p in ck.iterdir()) == ["best", "last"]
 

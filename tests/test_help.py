@@ -45,6 +45,39 @@ def test_help_shows_choices_and_the_presets_values():
     assert "(default: ssp: none, ce: 0.8,0.9)" in flag_help(chain, "--milestones")
 
 
+def test_a_chains_help_says_which_stages_a_flag_reaches(capsys):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import semi_cifar_lt
+    import ssp_cifar_lt
+
+    from fasttrain.chain import run_chain
+
+    def help_of(module) -> str:
+        with pytest.raises(SystemExit) as stop:
+            run_chain(module.STAGES, module.__doc__, ["--help"])
+        assert stop.value.code == 0
+        return " ".join(capsys.readouterr().out.split())
+    semi = help_of(semi_cifar_lt)
+    assert "a plain flag (or --config value) reaches every stage (base, pseudo, joint), except the method flags " \
+           "(--loss, --head, --reweight, --sampler," in semi
+    assert "which reach only joint; base keeps its preset's method: set it with --set, e.g. --set base.loss=ldam" \
+           in semi
+    ssp = help_of(ssp_cifar_lt)
+    assert "reaches every stage (rotation, ce, ce_resample, ce_drw, ldam_drw) and overrides each stage's preset, " \
+           "the method flags (--loss," in ssp
+
+
+def test_help_says_that_ldam_selects_the_cosine_head_and_what_resample_is():
+    text = parser("desc", Config()).format_help()
+    assert "ldam also selects the cosine head unless --head is given" in flag_help(text, "--loss")
+    head = flag_help(text, "--head")
+    assert head.startswith("{auto,linear,cosine}") and "auto = cosine with --loss ldam" in head
+    assert head.endswith("(default: auto)")
+    sampler = flag_help(text, "--sampler")
+    assert "{uniform,resample,balanced,sqrt,class_aware}" in sampler and "resample = the paper's Resample" in sampler
+    assert "--sampler resample" in flag_help(text, "--cb-beta")
+
+
 @pytest.mark.slow
 def test_a_recipes_help_shows_its_preset():
     r = subprocess.run([sys.executable, "recipes/supervised_imagenet_lt.py", "--help"], capture_output=True,

@@ -1,10 +1,13 @@
-"""Nothing grows with the epoch count: native threads, open file descriptors, child processes and live DALI
-pipelines are the same after 3 more epochs (training + evaluation each epoch) as after the warm-up epochs,
-for every loader kind and a representative set of methods; DALI builds each pipeline once."""
+"""Nothing grows with the epoch count: native threads, open file descriptors, child processes, memory-mapped
+data files and live DALI pipelines are the same after 2 more epochs of `fit()` (training, evaluation, the
+checkpoints and the TensorBoard tracker of each epoch) as after the warm-up epochs, for every loader kind and a
+representative set of methods; DALI builds each pipeline once. When `fit()` returns, every loader kind has let
+go of its worker processes, threads, pipelines and file mappings, and the tracker of its writer thread."""
 from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 
 import numpy as np
@@ -17,8 +20,6 @@ from fasttrain.engine import Engine
 
 from conftest import TINY_RUN, reset_accelerate
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 MATRIX = [   # (loader, config overrides)
     ("ffcv", {}),
     ("dali", {}),
@@ -29,10 +30,16 @@ MATRIX = [   # (loader, config overrides)
 ]
 
 
+def data_maps() -> list[str]:
+    """Data files mapped into this process (FFCV's .beton, the DALI shards)."""
+    with open("/proc/self/maps") as f:
+        return sorted(line.split()[-1] for line in f if line.rstrip().endswith((".beton", ".tar", ".idx")))
+
+
 def resources() -> dict:
     from nvidia.dali import Pipeline
     return {"threads": len(os.listdir("/proc/self/task")), "fds": len(os.listdir("/proc/self/fd")),
-            "children": len(psutil.Process().children(recursive=True)),
+            "children": len(psutil.Process().children(recursive=True)), "data_maps": len(data_maps()),
             "dali_pipelines": sum(issubclass(type(o), Pipeline) for o in gc.get_objects())}  # type(): no weakproxy errors
 
 
@@ -68,25 +75,27 @@ def pseudo(tiny_raw, tmp_path_factory):
     return str(write_pseudo_dataset(tiny_raw, path, path.parent / "joint", workers=1))
 
 
-def run_epochs(engine: Engine, epochs: range) -> None:
-    for epoch in epochs:
-        engine.train_epoch(epoch)
-        if engine.eval_loader is not None:
-            engine.evaluate(epoch)
-
-
 @pytest.mark.parametrize("loader,overrides", MATRIX, ids=[f"{k}-{o.get('method', 'joint' if 'data' in o else 'supervised')}" for k, o in MATRIX])
 def test_resources_do_not_grow_with_epochs(tiny_raw, tmp_path, pseudo, loader, overrides):
     overrides = {k: v.format(joint=pseudo) if isinstance(v, str) else v for k, v in overrides.items()}
     cfg = Config(data=str(tiny_raw), out=str(tmp_path / "run")).update(
-        TINY_RUN | dict(epochs=6, batch_size=32, loader=loader) | overrides)
+        TINY_RUN | dict(epochs=4, batch_size=32, loader=loader, log_with="tensorboard", log_every=1) | overrides)
     engine = Engine(cfg)
+    measured, save_checkpoint = {}, engine.save_checkpoint
+
+    def save_and_measure(name: str) -> None:            # at the end of an epoch, after its checkpoint
+        save_checkpoint(name)
+        epoch = engine.state["epoch"]
+        if name == "last" and epoch == 1:               # warm-up done: pools, workers, pipelines started
+            measured["before"] = stable()
+        elif name == "last" and epoch == 3:
+            measured["after"] = settled(measured["before"])
+
+    engine.save_checkpoint = save_and_measure
     try:
-        run_epochs(engine, range(0, 1))                      # warm-up: pools, workers, pipelines start
-        before = stable()
-        run_epochs(engine, range(1, 4))
-        after = settled(before)
-        assert after == before, f"grew over 3 epochs: {before} -> {after}"
+        assert engine.fit() == "done"
+        assert measured["after"] == measured["before"], f"grew over 2 epochs: {measured}"
+        assert measured["before"]["data_maps"] > 0 or loader in ("device", "torch")
         if loader == "dali":
             loaders = [engine.train_loader, engine.eval_loader]
             assert [ld.pipelines_built for ld in loaders if ld is not None] == [1] * sum(ld is not None
@@ -105,26 +114,39 @@ def loader_workers(exclude: set[int]) -> list[int]:
             and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+def python_threads() -> set[str]:
+    return {f"{t.name} ({type(t).__name__})" for t in threading.enumerate() if t.is_alive()}
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali", "ffcv"])
 def test_a_finished_run_releases_its_loaders(tiny_raw, tmp_path, loader):
-    """fit() returns with the loaders' worker processes and pipelines gone, while the engine is still
-    referenced (a chain runs its next stage in the same process; garbage collection may come much later)."""
+    """fit() returns with the loaders' worker processes, pipelines, epoch threads and file mappings gone, and the
+    tracker's writer thread stopped, while the engine is still referenced (a chain runs its next stage in the
+    same process; garbage collection may come much later). The loaders stay usable."""
     from nvidia.dali import Pipeline
     gc.collect()
-    earlier = {p.pid for p in psutil.Process().children(recursive=True)}
-    cfg = Config(data=str(tiny_raw), out=str(tmp_path / "run")).update(TINY_RUN | dict(epochs=2, loader=loader,
-                                                                                       workers=2))
+    earlier, threads = {p.pid for p in psutil.Process().children(recursive=True)}, python_threads()
+    cfg = Config(data=str(tiny_raw), out=str(tmp_path / "run")).update(TINY_RUN | dict(
+        epochs=2, loader=loader, workers=2, log_with="tensorboard"))
     engine = Engine(cfg)
     try:
         engine.train_epoch(0)
         engine.evaluate(0)
         running = loader_workers(earlier)
         pipelines = [o for o in gc.get_objects() if issubclass(type(o), Pipeline)]
-        assert (len(running), len(pipelines)) == ((4, 0) if loader == "torch" else (0, 2))
+        assert (len(running), len(pipelines)) == {"torch": (4, 0), "dali": (0, 2), "ffcv": (0, 0)}[loader]
+        assert bool(data_maps()) is (loader != "torch")        # the torch loader reads in its workers
         del pipelines
         assert engine.fit() == "done"
         assert loader_workers(earlier) == []
         assert sum(issubclass(type(o), Pipeline) for o in gc.get_objects()) == 0
+        if loader != "dali":                  # DALI's shard reader keeps its tars mapped until it is collected
+            assert data_maps() == []
+        assert python_threads() - threads <= {"tqdm_monitor (TMonitor)"}, python_threads() - threads
+        engine.train_loader.set_epoch(1)                           # usable again: the next epoch starts them
+        assert sum(len(batch) for batch in engine.train_loader) == len(engine.train_loader) * 16
+        engine.close()
+        assert loader_workers(earlier) == [] and (loader == "dali" or data_maps() == [])
     finally:
         del engine
         reset_accelerate()

@@ -14,10 +14,6 @@ from fasttrain.data.batch import Batch
 from fasttrain.data.shards import ShardReader, decode_rgb
 from fasttrain.dataset import DatasetDir, DatasetError
 
-# numba (0.68) raises a KeyError inside a finalizer when an FFCV loader's compiled code is collected:
-# harmless, reported by pytest as an unraisable exception.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 KINDS = ["ffcv", "dali", "torch", "device"]
 RAW_COUNTS = [64, 32, 20, 14]                  # long-tailed train split, 130 samples
 JPEG_SIZE = 32

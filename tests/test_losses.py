@@ -110,7 +110,7 @@ def test_is_module_with_buffers():
 
 @pytest.mark.parametrize('name', LOSSES)
 @pytest.mark.parametrize('reweight', REWEIGHTS)
-def test_bf16_autocast_gradients_finite(name, reweight):
+def test_bf16_autocast_loss_is_computed_in_float32_with_finite_gradients(name, reweight):
     layer = torch.nn.Linear(16, 3)
     x, targets = torch.randn(32, 16), torch.randint(0, 3, (32,))
     loss_fn = build_loss(name, COUNTS, reweight=reweight, drw_epoch=1)
@@ -119,5 +119,7 @@ def test_bf16_autocast_gradients_finite(name, reweight):
         assert logits.dtype == torch.bfloat16
         loss = loss_fn(logits, targets, 1)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    # the same value as the loss of the bf16 logits cast to float32 outside autocast: nothing rounds to bf16
+    assert torch.equal(loss, loss_fn(logits.detach().float(), targets, 1))
     loss.backward()
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import conftest
-from conftest import launch_two_processes
+from conftest import launch_two_processes, mark_metrics, resumed_at
 from fasttrain.config import Config
 from fasttrain.dataset import DatasetDir
 from fasttrain.methods.moco import MoCo, MoCoModel
@@ -160,10 +160,15 @@ def test_moco_run_trains_and_feeds_a_supervised_run(tiny_raw, tmp_path):
     assert (tmp_path / "ce" / "metrics.json").exists()
 
 
-def test_stopped_and_resumed_run_equals_uninterrupted(tiny_raw, tmp_path):
+def test_stopped_and_resumed_run_equals_uninterrupted(tiny_raw, tmp_path, capsys):
+    part = tmp_path / "part"
     assert fit(tiny_raw, tmp_path / "full", epochs=3) == "done"
-    assert fit(tiny_raw, tmp_path / "part", epochs=3, stop_after_epochs=1) == "stopped"
-    assert fit(tiny_raw, tmp_path / "part", epochs=3, resume=str(tmp_path / "part")) == "done"
+    assert fit(tiny_raw, part, epochs=3, stop_after_epochs=1) == "stopped"
+    before = mark_metrics(part)
+    capsys.readouterr()
+    assert fit(tiny_raw, part, epochs=3, resume=str(part)) == "done"
+    assert resumed_at(capsys.readouterr().out, part) == (1, 5, 0, "last")           # 5 steps of 16 per epoch
+    assert (part / "metrics.jsonl").read_text().splitlines()[:1] == before
     full, part = (torch.load(tmp_path / r / "model.pt", weights_only=True)["state_dict"] for r in ("full", "part"))
     assert all(torch.equal(full[k], part[k]) for k in full)      # weights, key encoder, queue and pointer
 

@@ -1,6 +1,7 @@
 """The paper's settings: lr schedules as positions in the run (CIFAR rule exact at 200 epochs, the same shape
-at 20), DRW, the class-aware sampler, cRT's BatchNorm statistics, ImageNet-LT / iNat presets with linear lr
-scaling, and metrics.json's final and best blocks (selected on test without val, on val with it)."""
+at 20) and the line that prints them, DRW, the class-aware sampler, the Resample preset, LDAM's cosine head,
+cRT's BatchNorm statistics, ImageNet-LT / iNat presets with linear lr scaling, and metrics.json's final and
+best blocks (selected on test without val, on val with it)."""
 from __future__ import annotations
 
 import json
@@ -13,15 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+import yaml
+
 from fasttrain.config import Config
 from fasttrain.data.sampling import epoch_order, shard_train
-from fasttrain.engine import batch_and_lr, lr_at
+from fasttrain.engine import batch_and_lr, lr_at, schedule_line
 
-from conftest import fit
+from conftest import TINY_RUN, fit, reset_accelerate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
-from presets import CIFAR, CRT_IMAGENET_LT, CRT_INAT, IMAGENET_LT, INAT, MOCO  # noqa: E402
+from presets import (CIFAR, CRT_IMAGENET_LT, CRT_INAT, IMAGENET_LT, INAT, LDAM_DRW, MOCO,  # noqa: E402
+                     RESAMPLE)
 
 
 def paper_cifar_lr(epoch0: int, epochs: int, lr: float = 0.1) -> float:
@@ -71,6 +75,30 @@ def test_cosine_schedules_of_the_imagenet_and_moco_code():
         assert lr_at(moco, e) == pytest.approx(0.015 * 0.5 * (1 + math.cos(math.pi * e / 200)), abs=1e-12)
     step = Config().update(CIFAR | {"lr_update": "step"})  # per-step warm-up, when asked for
     assert lr_at(step, 0, 0, 10) == pytest.approx(0.1 * 0.1 / 5) and lr_at(step, 0, 9, 10) == pytest.approx(0.02)
+
+
+def test_the_start_of_a_run_says_at_which_epochs_the_lr_changes():
+    assert schedule_line(Config().update(CIFAR)) == \
+        "lr by epoch (base 0.1): 1-4: 0.02 -> 0.08 (warm-up), 5-160: 0.1, 161-180: 0.001, 181-200: 1e-05"
+    assert schedule_line(Config().update(CIFAR | {"epochs": 20, "reweight": "drw"})) == \
+        "lr by epoch (base 0.1): 1-16: 0.1, 17-18: 0.001, 19-20: 1e-05; DRW from epoch 17"
+    assert schedule_line(Config().update(IMAGENET_LT)) == "lr by epoch (base 0.2): 1-90: 0.1999 -> 0 (cosine)"
+    assert schedule_line(Config().update(MOCO)) == "lr by epoch (base 0.015): 1-200: 0.015 -> 9.253e-07 (cosine)"
+    # a 1-epoch CIFAR run trains at the base lr (its milestones 0.8 and 0.9 start no epoch), but never re-weights
+    assert schedule_line(Config().update(CIFAR | {"epochs": 1, "reweight": "drw"})) == \
+        "lr by epoch (base 0.1): 1: 0.1; DRW never (it starts at epoch 2)"
+
+
+@pytest.mark.parametrize("preset, overrides, highest", [
+    (IMAGENET_LT, {"epochs": 1}, "0 in epoch 1"),                         # cosine at e/T: its only epoch at lr 0
+    (CIFAR, {"epochs": 3, "warmup_epochs": 5}, "0.06 in epoch 3"),        # the warm-up outlasts the run
+    (CIFAR, {"epochs": 10, "milestone_epochs": [0, 5]}, "0.001 in epoch 1"),
+])
+def test_a_schedule_that_never_reaches_the_base_lr_is_warned_about(preset, overrides, highest):
+    line = schedule_line(Config().update(preset | overrides))
+    assert "WARNING: no epoch trains within 10% of the base lr" in line and f"(highest: {highest})" in line
+    for fine in (CIFAR, IMAGENET_LT | {"epochs": 5}, MOCO | {"epochs": 1}, CIFAR | {"epochs": 1}):
+        assert "WARNING" not in schedule_line(Config().update(fine))
 
 
 def test_schedule_flags_are_checked():
@@ -139,6 +167,79 @@ def test_class_aware_shards_lose_nothing_and_keep_the_global_batches():
         assert sorted(step) == sorted(order[k * 32:(k + 1) * 32])
 
 
+# ---------------------------------------------------------------- Resample
+def test_the_resample_preset_is_the_papers_sampler_through_the_engine(tiny_raw, tmp_path):
+    from fasttrain.engine import Engine
+    assert (RESAMPLE["sampler"], RESAMPLE["cb_beta"]) == ("resample", 0.9999)
+    cfg = Config(data=str(tiny_raw), out=str(tmp_path / "run")).update(TINY_RUN | RESAMPLE | {"cb_beta": 0.9})
+    engine = Engine(cfg)                                   # the engine hands --sampler and --cb-beta to its loader
+    labels = engine.dataset.split("train").labels
+    want = epoch_order(labels, "resample", seed=0, epoch=0, cb_beta=0.9)
+    assert np.array_equal(engine.train_loader.epoch_positions(0), want[: len(want) // 16 * 16])
+    assert not np.array_equal(want, epoch_order(labels, "resample", seed=0, epoch=0))   # 0.9 is not the default
+
+
+# ---------------------------------------------------------------- LDAM's cosine head
+def _head(cfg, data):
+    from fasttrain.dataset import DatasetDir
+    from fasttrain.methods.supervised import Supervised
+    return type(Supervised(cfg, DatasetDir(data)).build_model().fc).__name__
+
+
+def test_ldam_selects_the_cosine_head_unless_head_is_given(tiny_raw, tmp_path):
+    from fasttrain.chain import parser
+    from fasttrain.config import resolve
+
+    def head(*argv, preset=None):
+        args = parser("x").parse_args(["--data", str(tiny_raw), "--out", "unused", *map(str, argv)])
+        return _head(resolve(args, preset), tiny_raw)
+    assert Config().head == "auto"                         # "not given" is "auto", also in a saved config.yaml
+    assert head("--loss", "ldam") == "NormedLinear" and head() == "Linear" and head("--loss", "focal") == "Linear"
+    assert head("--loss", "ldam", "--head", "linear") == "Linear"
+    assert head(preset=CIFAR | LDAM_DRW) == "NormedLinear" and "head" not in LDAM_DRW
+    assert head("--head", "linear", preset=CIFAR | LDAM_DRW) == "Linear"
+    yaml_ldam, yaml_linear = tmp_path / "ldam.yaml", tmp_path / "linear.yaml"
+    yaml_ldam.write_text("loss: ldam\n")
+    yaml_linear.write_text("loss: ldam\nhead: linear\n")
+    assert head("--config", yaml_ldam) == "NormedLinear" and head("--config", yaml_linear) == "Linear"
+    assert head("--config", yaml_ldam, "--loss", "ce") == "Linear"
+
+
+def test_a_run_saved_with_head_linear_before_auto_existed_continues_under_the_same_command():
+    """A chain re-run compares its stage's config with the saved one: `head: auto` and a saved `head: linear`
+    build the same model unless the loss is LDAM."""
+    assert Config(head="auto").changed_from(Config(head="linear")) == []
+    assert Config(head="auto", loss="ldam").changed_from(Config(head="cosine", loss="ldam")) == []
+    assert Config(head="auto", loss="ldam").changed_from(Config(head="linear", loss="ldam")) == ["head"]
+    assert Config(head="cosine", loss="ldam").changed_from(Config(head="linear", loss="ldam")) == ["head"]
+
+
+@pytest.mark.parametrize("given, built", [(None, "cosine"), ("linear", "linear")])
+def test_a_resumed_ldam_run_keeps_the_head_it_was_trained_with(tiny_raw, tmp_path, given, built):
+    """head: auto resumes as cosine with LDAM; head: linear + loss: ldam (every config.yaml written before
+    --head auto existed) resumes as linear."""
+    from fasttrain.chain import parser
+    from fasttrain.config import resolve
+    from fasttrain.engine import Engine
+    from fasttrain.pseudo_label import load_classifier
+    run = tmp_path / "run"
+    head = {} if given is None else {"head": given}
+    assert fit(tiny_raw, run, epochs=2, loss="ldam", stop_after_epochs=1, **head) == "stopped"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["loss"], saved["head"]) == ("ldam", given or "auto")
+    cfg = resolve(parser("x").parse_args(["--resume", str(run)]))
+    try:
+        engine = Engine(cfg)
+        assert _head(cfg, tiny_raw) == type(engine.model.fc).__name__ == {"cosine": "NormedLinear",
+                                                                          "linear": "Linear"}[built]
+        assert engine.fit() == "done"
+    finally:
+        reset_accelerate()
+    assert torch.load(run / "model.pt", weights_only=True)["head"] == built   # model.pt: the head it holds
+    model, _ = load_classifier(run)                                           # what pseudo-labelling builds
+    assert type(model.fc).__name__ == {"cosine": "NormedLinear", "linear": "Linear"}[built]
+
+
 # ---------------------------------------------------------------- cRT
 def _bn_means(state):
     return {k: v for k, v in state.items() if k.endswith("running_mean") or k.endswith("running_var")}
@@ -193,7 +294,7 @@ def test_presets_are_the_papers_configs_and_scale_lr_linearly():
     assert "reference: lr 0.2 at batch 128" in line
 
 
-def test_recipe_prints_global_and_per_process_batch_and_the_lr(tiny_raw, tmp_path):
+def test_recipe_prints_global_and_per_process_batch_the_lr_and_the_schedule(tiny_raw, tmp_path):
     r = subprocess.run([sys.executable, "recipes/supervised_inat.py", "--data", str(tiny_raw), "--out",
                         str(tmp_path / "run"), "--epochs", "1", "--arch", "resnet20", "--width", "0.25",
                         "--batch-size", "16", "--workers", "1", "--precision", "no", "--channels-last", "false",
@@ -204,6 +305,9 @@ def test_recipe_prints_global_and_per_process_batch_and_the_lr(tiny_raw, tmp_pat
     assert "batch 16 per optimiser step = 1 process(es) x 16 per process" in out
     assert "lr 0.032 = 0.2 x 16 / 100 (reference: lr 0.2 at batch 100" in out
     assert out.count("per optimiser step") == 1
+    # one epoch of iNat's cosine-at-e/T schedule trains at lr 0: said once, at the start, with a warning
+    assert out.count("lr by epoch") == 1 and out.index("lr by epoch") < out.index("epoch 1/1")
+    assert "lr by epoch (base 0.032): 1: 0 -- WARNING: no epoch trains within 10% of the base lr 0.032" in out
 
 
 # ---------------------------------------------------------------- metrics.json: final and best

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from conftest import launch_two_processes
+from conftest import launch_two_processes, mark_metrics, resumed_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "16", "--warmup-epochs", "0", "--milestones", "",
@@ -79,19 +80,27 @@ def test_chain_pauses_and_resumes_the_interrupted_stage(tiny_raw, tmp_path):
     first = python(*args, "--stop-after-epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "paused in stage rotation" in first.stdout and not (out / "rotation" / "DONE").exists()
+    before = mark_metrics(out / "rotation")
     second = python(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed" in second.stdout + second.stderr
+    assert resumed_at(second.stdout, out / "rotation") == (1, 5, 0, "last")   # 5 steps per epoch
+    assert (out / "rotation" / "metrics.jsonl").read_text().splitlines()[:1] == before
     assert (out / "rotation" / "DONE").exists() and (out / "ce" / "DONE").exists()
     epochs = [json.loads(line)["epoch"] for line in (out / "rotation" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1]
 
 
 @pytest.mark.slow
-def test_single_stage_recipes(tiny_raw, tmp_path):
+def test_single_stage_recipes_train_their_preset_with_the_flags_on_top(tiny_raw, tmp_path):
     r = python("recipes/supervised_cifar_lt.py", "--data", tiny_raw, "--out", tmp_path / "ce", "--epochs", "1",
-               "--loss", "ldam", "--head", "cosine", "--reweight", "drw", *TINY)
+               "--loss", "ldam", "--reweight", "drw", "--sampler", "resample", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((tmp_path / "ce" / "config.yaml").read_text())
+    assert (cfg["lr"], cfg["weight_decay"], cfg["schedule"], cfg["milestone_factors"], cfg["loader"]) == \
+        (0.1, 2e-4, "step", [0.01, 0.0001], "device")                  # the CIFAR preset
+    assert (cfg["epochs"], cfg["arch"], cfg["loss"], cfg["head"], cfg["reweight"], cfg["sampler"]) == \
+        (1, "resnet20", "ldam", "auto", "drw", "resample")            # the flags
+    assert torch.load(tmp_path / "ce" / "model.pt", weights_only=True)["head"] == "cosine"
     assert json.loads((tmp_path / "ce" / "metrics.json").read_text())["num_eval_images"] == 64
     r = python("recipes/crt_imagenet_lt.py", "--data", tiny_raw, "--out", tmp_path / "crt", "--epochs", "1",
                "--arch", "resnet20", "--batch-size", "16", "--workers", "1", "--precision", "no")
@@ -100,6 +109,10 @@ def test_single_stage_recipes(tiny_raw, tmp_path):
                "--arch", "resnet20", "--width", "0.25", "--batch-size", "16", "--workers", "1", "--precision", "no",
                "--pretrained", tmp_path / "ce" / "backbone.pt", "--loader", "torch")
     assert r.returncode == 0, r.stderr[-3000:]
+    crt = yaml.safe_load((tmp_path / "crt" / "config.yaml").read_text())
+    assert (crt["method"], crt["sampler"], crt["samples_per_class"], crt["schedule"], crt["lr_ref_batch"]) == \
+        ("crt", "class_aware", 4, "cosine", 512)
+    assert (crt["batch_size"], crt["loader"]) == (16, "torch")
     for recipe in sorted((ROOT / "recipes").glob("*.py")):
         if recipe.name != "presets.py":
             assert python(recipe, "--help").returncode == 0, recipe.name

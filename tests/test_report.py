@@ -1,5 +1,6 @@
 """fasttrain.report on fake run directories: seed statistics, the final/best blocks (and the fallbacks of
-older metrics.json files), the Markdown table, the JSON and the plot, and the command line."""
+older metrics.json files), the Markdown table, the JSON and the plot, the command line, and the committed
+demo results."""
 from __future__ import annotations
 
 import json
@@ -11,24 +12,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fasttrain.report import group_by_setting, expand, main, markdown, plot_groups, summarize, write_results
+from fasttrain.report import group_by_setting, expand, main, markdown, plot_groups, read_run, summarize, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+ROW = ("epoch", "split", "top1", "top5", "many", "medium", "few")
 
 
 def fake_run(path: Path, *, seed=0, final=None, best=None, top_level_only=False, **config) -> Path:
-    """A run directory as the engine leaves it: config.yaml and metrics.json with "final"/"best" blocks."""
+    """A run directory as the engine leaves it: config.yaml and metrics.json in fasttrain.evaluate's layout
+    (per_class at the top level only; the best block's own when its epoch is not the final one)."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump({"data": "d", "out": str(path), "seed": seed, "resume": "",
                                                       "loss": "ce", "lr": 0.1} | config))
     final = {"epoch": 9, "split": "test", "top1": 50.0, "top5": 90.0, "many": 70.0, "medium": 45.0, "few": 20.0,
              "per_class": [70.0, 45.0, 20.0]} | (final or {})
-    metrics = {k: final[k] for k in ("top1", "top5", "many", "medium", "few", "per_class", "epoch", "split")}
+    metrics = {k: final[k] for k in ROW} | {"per_class": final["per_class"], "train_class_counts": [150, 50, 5]}
     if not top_level_only:
-        metrics["final"] = final
+        metrics["final"] = {k: final[k] for k in ROW} | {"label": "final epoch"}
         if best is not None:
-            metrics["best"] = {"epoch": 7, "split": "test", "selected_on": "val", "top1": 55.0, "top5": 91.0,
-                               "many": 72.0, "medium": 50.0, "few": 30.0, "per_class": [72.0, 50.0, 30.0]} | best
+            best = {"epoch": 7, "split": "test", "selected_on": "val", "top1": 55.0, "top5": 91.0, "many": 72.0,
+                    "medium": 50.0, "few": 30.0, "per_class": [72.0, 50.0, 30.0], "label": "best"} | best
+            if best["epoch"] == final["epoch"]:
+                del best["per_class"]
+            metrics["best"] = best
     (path / "metrics.json").write_text(json.dumps(metrics))
     return path
 
@@ -107,3 +113,38 @@ def test_command_line_writes_table_and_plot(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "| ce | 51.0 ± 1.4 |" in r.stdout and out.read_text() in r.stdout
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_read_run_gives_whole_blocks_from_the_file_that_keeps_per_class_once(tmp_path):
+    """The engine's own files: per_class is written once; read_run puts it back into each block."""
+    from fasttrain.confusion import Confusion
+    from fasttrain.evaluate import summarize as evaluation_summary
+    from fasttrain.evaluate import write_report
+    final = evaluation_summary(Confusion.from_pairs([0, 1, 2, 2], [0, 1, 2, 0], 3), 4, [150, 50, 5])
+    final |= {"epoch": 9, "split": "test"}
+    for name, best in (("same", dict(final)), ("earlier", evaluation_summary(
+            Confusion.from_pairs([0, 1, 2], [0, 0, 0], 3), 3, [150, 50, 5]) | {"epoch": 4, "split": "test"})):
+        run = tmp_path / name
+        run.mkdir()
+        write_report(run, final, Confusion.from_pairs([0], [0], 3), [150, 50, 5], epochs=10,
+                     best=best | {"selected_on": "val", "selection_top1": 60.0})
+        read = read_run(run)
+        assert read["final"]["per_class"] == final["per_class"] == [100.0, 100.0, 50.0]
+        assert read["best"]["per_class"] == best["per_class"] and read["best"]["epoch"] == best["epoch"]
+        assert read["final"]["label"] == "final epoch (epoch 10/10, test)" and read["best"]["selected_on"] == "val"
+    assert read_run(tmp_path / "earlier")["best"]["per_class"] == [100.0, 0.0, 0.0]
+    # an older layout: every block carries its own per_class
+    old = fake_run(tmp_path / "old", best={"epoch": 9})
+    metrics = json.loads((old / "metrics.json").read_text())
+    metrics["final"]["per_class"], metrics["best"]["per_class"] = [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    read = read_run(old)
+    assert read["final"]["per_class"] == [1.0, 2.0, 3.0] and read["best"]["per_class"] == [4.0, 5.0, 6.0]
+
+
+def test_the_committed_demo_results_still_read():
+    """docs/fmnist_lt_results.json (a results.json of the demo) renders to the table of docs/fmnist_lt_results.md."""
+    summary = json.loads((ROOT / "docs" / "fmnist_lt_results.json").read_text())
+    table = markdown(summary)
+    assert "| CE + rotation SSP | 55.1 ± 6.1 | 87.9 ± 1.5 | 48.3 ± 1.8 | 18.1 ± 20.1 | 16 |" in table
+    assert (ROOT / "docs" / "fmnist_lt_results.md").read_text().startswith(table)

@@ -81,6 +81,10 @@ def test_rotation_run_exports_a_backbone_that_a_classifier_loads(tiny_raw, tmp_p
             assert torch.equal(v, fresh_fc[k[3:]])            # the head stays as initialised
         else:
             assert torch.equal(v, ssp[k]), k
-    # the supervised stage starts from it through the engine's --pretrained
-    fit(tiny_raw, tmp_path / "ce", pretrained=str(run / "backbone.pt"))
-    assert (tmp_path / "ce" / "metrics.json").exists()
+    # the supervised stage starts from it through the engine's --pretrained: backbone loaded, head fresh
+    from fasttrain.engine import Engine
+    engine = Engine(Config(data=str(tiny_raw), out=str(tmp_path / "ce")).update(
+        conftest.TINY_RUN | {"pretrained": str(run / "backbone.pt")}))
+    start = engine.accelerator.unwrap_model(engine.model).state_dict()
+    assert all(torch.equal(v.cpu(), ssp[k]) for k, v in start.items() if not k.startswith("fc."))
+    assert start["fc.weight"].shape == (4, classifier.feature_dim)

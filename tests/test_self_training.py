@@ -234,23 +234,37 @@ def test_reweighting_counts_include_pseudo_labels_and_shot_groups_use_labeled_co
     assert metrics["num_eval_images"] == 64                    # the base set's test split
 
 
-def test_semi_chain_base_pseudo_joint(tiny_raw, tmp_path):
-    """recipes/semi_cifar_lt.py's stages on tiny data: the joint stage trains on RUN/pseudo/data."""
+def test_semi_chain_base_pseudo_joint_with_method_flags_for_the_joint_stage_only(tiny_raw, tmp_path):
+    """recipes/semi_cifar_lt.py's stages on tiny data: the joint stage trains on RUN/pseudo/data with the
+    method flags (plain and from --config); the base model that makes the pseudo-labels keeps its preset's
+    method (CE, linear head) and takes --set base.*; every other flag reaches every stage."""
     import sys
     sys.path.insert(0, str(HERE.parent / "recipes"))
     from semi_cifar_lt import STAGES
 
     from fasttrain.chain import run_chain
-    args = ["--data", str(tiny_raw), "--out", str(tmp_path), "--epochs", "1", "--arch", "resnet20", "--width",
-            "0.25", "--batch-size", "25", "--warmup-epochs", "0", "--milestones", "", "--workers", "1"]
+    (tmp_path / "method.yaml").write_text("cb_beta: 0.99\nfocal_gamma: 3.0\n")
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_raw), "--out", str(run), "--epochs", "1", "--arch", "resnet20", "--width",
+            "0.25", "--batch-size", "25", "--warmup-epochs", "0", "--milestones", "", "--workers", "1",
+            "--loss", "ldam", "--reweight", "drw", "--sampler", "resample", "--ldam-scale", "20",
+            "--config", str(tmp_path / "method.yaml"), "--set", "base.loss=focal"]
     assert run_chain(STAGES, "semi", args) == "done"
-    joint = Config.load(tmp_path / "joint" / "config.yaml")
-    assert joint.method == "supervised" and joint.data == str(tmp_path / "pseudo" / "data")
-    table = np.load(tmp_path / "pseudo" / "pseudo_labels.npz")
-    data = DatasetDir(tmp_path / "pseudo" / "data")
+    base, joint = (Config.load(run / stage / "config.yaml") for stage in ("base", "joint"))
+    assert joint.method == "supervised" and joint.data == str(run / "pseudo" / "data")
+    assert (joint.loss, joint.head, joint.reweight, joint.sampler, joint.ldam_scale, joint.cb_beta,
+            joint.focal_gamma) == ("ldam", "auto", "drw", "resample", 20.0, 0.99, 3.0)
+    assert (base.loss, base.head, base.reweight, base.sampler, base.ldam_scale, base.cb_beta,
+            base.focal_gamma) == ("focal", "auto", "none", "uniform", 30.0, 0.9999, 1.0)
+    assert (base.epochs, base.batch_size, base.width) == (joint.epochs, joint.batch_size, joint.width) == (1, 25, 0.25)
+    heads = [torch.load(run / stage / "model.pt", weights_only=True)["head"] for stage in ("base", "joint")]
+    assert heads == ["linear", "cosine"]                       # --loss ldam's cosine head: the joint model only
+    table = np.load(run / "pseudo" / "pseudo_labels.npz")
+    assert str(table["base_run"]) == str((run / "base").resolve())
+    data = DatasetDir(run / "pseudo" / "data")
     assert np.array_equal(data.split("train").labels[90:], table["label"])
-    assert (tmp_path / "joint" / "DONE").exists()
-    assert json.loads((tmp_path / "joint" / "metrics.json").read_text())["train_class_counts"] == TRAIN_COUNTS
+    assert (run / "joint" / "DONE").exists()
+    assert json.loads((run / "joint" / "metrics.json").read_text())["train_class_counts"] == TRAIN_COUNTS
 
 
 @pytest.mark.slow

@@ -1,10 +1,13 @@
 """Experiment tracking through Accelerate's trackers: the TensorBoard event files, read back with
 TensorBoard's own reader, hold the values of metrics.jsonl on one global-step axis that a resumed run
-continues; a missing tracker package is one clear error naming the pip command."""
+continues; W&B (offline) and MLflow (SQLite) hold the same curves in one run each across a resume; a missing
+tracker package is one clear error naming the pip command."""
 from __future__ import annotations
 
 import json
 import math
+import struct
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,28 +80,89 @@ def test_missing_tracker_package_is_one_clear_error(monkeypatch):
     assert "mlflow" not in tracking.tracker_names("all")
 
 
+def wandb_records(path: Path):
+    """The records of a W&B run file (`run-ID.wandb`): W&B's LevelDB-log framing (a 7-byte file header, then
+    records of a 7-byte header - CRC, length, kind - and a protobuf, split over 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if room >= 7 else (0, 0, 0)
+        if kind == 0:                                        # the rest of a block is padding
+            pos += room
+            continue
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):                                   # a whole record, or its last part
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
+
+
+def wandb_run(directory: Path) -> tuple[list[str], dict[str, list[tuple[int, float]]]]:
+    """Run ids of the offline attempts, oldest first, and the curves they logged together (numbers only)."""
+    ids, curves = [], {}
+    for path in sorted(directory.glob("offline-run-*/run-*.wandb")):
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                ids.append(record.run.run_id)
+            elif kind == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                for tag, value in row.items():
+                    if not tag.startswith("_") and isinstance(value, (int, float)):
+                        curves.setdefault(tag, []).append((row["_step"], float(value)))
+    return ids, curves
+
+
+def same_curves(curves: dict, reference: dict) -> None:
+    """Every curve of `reference` (TensorBoard's) in `curves`: the same steps, once each, the same values."""
+    for tag, points in reference.items():
+        assert [s for s, _ in curves[tag]] == [s for s, _ in points], tag
+        assert all(math.isclose(v, w, rel_tol=1e-6) for (_, v), (_, w) in zip(curves[tag], points)), tag
+
+
 @pytest.mark.slow
-def test_wandb_offline_and_mlflow_reopen_the_same_run_on_resume(tiny_raw, tmp_path, monkeypatch):
+def test_wandb_offline_and_mlflow_continue_the_same_curves_on_resume(tiny_raw, tmp_path, monkeypatch):
+    """Stopped after 2 of 3 epochs and resumed: W&B (offline) and MLflow (SQLite) keep one run each, under the
+    same id, whose per-step and per-epoch curves are TensorBoard's (checked against metrics.jsonl above) and
+    hold metrics.jsonl's values at each epoch's step, every step once."""
     import importlib.util
-    names = [n for n, module in (("wandb", "wandb"), ("mlflow", "alembic")) if importlib.util.find_spec(module)]
-    if not names:
-        pytest.skip("neither wandb nor mlflow (with its database backend) is installed")
+    if not (importlib.util.find_spec("wandb") and importlib.util.find_spec("mlflow") and importlib.util.find_spec("alembic")):
+        pytest.skip("wandb / mlflow-skinny / sqlalchemy / alembic are not installed: pip install -e '.[test]'")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "run"
-    assert fit(tiny_raw, out, epochs=2, stop_after_epochs=1, log_with=",".join(names)) == "stopped"
+    run = dict(epochs=3, log_every=2, log_with="tensorboard,wandb,mlflow")
+    assert fit(tiny_raw, out, stop_after_epochs=2, **run) == "stopped"
     ids = json.loads((out / "tracking" / "run_ids.json").read_text())
-    assert fit(tiny_raw, out, epochs=2, resume=str(out), log_with=",".join(names)) == "done"
+    assert fit(tiny_raw, out, resume=str(out), **run) == "done"
     assert json.loads((out / "tracking" / "run_ids.json").read_text()) == ids
+
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    if "wandb" in names:   # one run id, two offline attempts to sync into it
-        attempts = sorted((out / "tracking" / "wandb").glob("offline-run-*"))
-        assert len(attempts) == 2 and all(a.name.endswith(f"-{ids['wandb']}") for a in attempts)
-        assert all((a / f"run-{ids['wandb']}.wandb").stat().st_size > 0 for a in attempts)
-    if "mlflow" in names:  # one MLflow run holds both epochs, and the config as parameters
-        import mlflow
-        client = mlflow.tracking.MlflowClient(f"sqlite:///{(out / 'tracking' / 'mlflow.db').resolve()}")
-        history = client.get_metric_history(ids["mlflow"], "eval/top1")
-        assert [(m.step, m.value) for m in history] == [(5, records[0]["eval_top1"]), (10, records[1]["eval_top1"])]
-        assert client.get_run(ids["mlflow"]).data.params["lr"] == "0.05"
+    reference = read_scalars(out / "tracking" / "fasttrain")
+    epoch_steps = [s for s, _ in reference["epoch"]]
+    assert len(epoch_steps) == 3 and len(reference["train/loss"]) > 3          # per-step points between epochs
+
+    attempts, wandb_curves = wandb_run(out / "tracking" / "wandb")
+    assert attempts == [ids["wandb"]] * 2                       # both attempts log into the one run
+    same_curves(wandb_curves, reference)
+
+    import mlflow
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{(out / 'tracking' / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name(tracking.PROJECT).experiment_id])
+    assert [r.info.run_id for r in runs] == [ids["mlflow"]]       # no second run opened by the resume
+    mlflow_curves = {tag: sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], tag))
+                     for tag in reference}
+    same_curves(mlflow_curves, reference)
+    assert client.get_run(ids["mlflow"]).data.params["lr"] == "0.05"
+
+    for curves in (wandb_curves, mlflow_curves):                # each epoch's values at its step
+        for record, step in zip(records, epoch_steps):
+            for key, tag in (("loss", "epoch/loss"), ("lr", "epoch/lr"), ("eval_top1", "eval/top1"),
+                             ("eval_few", "eval/few")):
+                assert math.isclose(dict(curves[tag])[step], record[key], rel_tol=1e-6), (tag, step)

@@ -26,6 +26,9 @@ def derive_seed(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+STAGE2 = 2   # the last value of stage 2's seeds (seed, epoch, rank, batch, STAGE2): apart from stage 1's
+
+
 class LoaderBase(ABC):
     """Order, sharding, length, seeding and the final Batch; subclasses only read and decode.
 
@@ -34,6 +37,12 @@ class LoaderBase(ABC):
     `positions` cut into `batch_size` chunks (the last one short for evaluation). A float32 tensor
     instead is a view the backend already finished (normalized N x C x H x W on the device): stage 2,
     which draws no random numbers for such a view, is skipped.
+
+    Every batch is a pure function of (seed, epoch, rank, batch number): the order is the epoch's, stage 1's
+    random crops and flips (torch, DALI) are drawn from a generator seeded by (seed, epoch, rank, batch), and
+    stage 2's from one seeded by (seed, epoch, rank, batch, STAGE2). So `set_epoch(epoch, first_batch=k)`
+    yields exactly the batches k, k+1, ... that a whole pass yields from k on (a run resumed inside an epoch).
+    `_decoded` starts at batch `self.first_batch` and numbers batches from there.
     """
     kind = ""
 
@@ -41,7 +50,7 @@ class LoaderBase(ABC):
                  train: bool, sampler: str = "uniform", sampling_labels: np.ndarray | None = None,
                  positions: np.ndarray | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", channels_last: bool = False, workers: int | None = None,
-                 samples_per_class: int = 4):
+                 samples_per_class: int = 4, cb_beta: float = 0.9999):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not views:
@@ -61,7 +70,7 @@ class LoaderBase(ABC):
         self.sampling_labels = np.asarray(sampling_labels, dtype=np.int64)[self.positions]
         self.batch_size, self.views, self.train, self.sampler = batch_size, list(views), train, sampler
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.samples_per_class = samples_per_class
+        self.samples_per_class, self.cb_beta = samples_per_class, cb_beta
         self.device, self.channels_last = torch.device(device), channels_last
         self.workers = workers or default_workers()         # None or 0: this process's share of the cores
         self.is_raw = dataset.is_raw
@@ -73,7 +82,7 @@ class LoaderBase(ABC):
         self.std = augment.stats(dataset.std, self.device)
         self._labels = torch.from_numpy(self.split.labels).to(self.device)
         self._source_index = torch.from_numpy(self.split.source_index).to(self.device)
-        self.epoch = 0
+        self.epoch, self.first_batch = 0, 0
 
     def close(self) -> None:
         """Release the backend's threads, processes and pipelines now (also done when collected); the loader
@@ -85,13 +94,17 @@ class LoaderBase(ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """The next pass yields `epoch`'s batches from number `first_batch` on (0: the whole epoch)."""
+        if not 0 <= first_batch <= len(self):
+            raise ValueError(f"first_batch {first_batch} is not in 0..{len(self)} (batches in an epoch)")
+        self.epoch, self.first_batch = epoch, first_batch
 
     def epoch_positions(self, epoch: int) -> np.ndarray:
         """File positions this rank reads in `epoch`, in order (training: sampler order, then sharded)."""
         if self.train:
-            order = epoch_order(self.sampling_labels, self.sampler, self.seed, epoch, self.samples_per_class)
+            order = epoch_order(self.sampling_labels, self.sampler, self.seed, epoch, self.samples_per_class,
+                                self.cb_beta)
             local = shard_train(order, self.rank, self.world_size)
             local = local[: len(local) // self.batch_size * self.batch_size]
         else:
@@ -105,18 +118,24 @@ class LoaderBase(ABC):
 
     def __iter__(self) -> Iterator[Batch]:
         positions, on_device, generator = self._start_epoch()
-        for start, decoded in zip(range(0, len(positions), self.batch_size), self._decoded(positions)):
+        starts = range(0, len(positions), self.batch_size)
+        for number, start, decoded in zip(range(self.first_batch, len(self)), starts, self._decoded(positions)):
+            generator.manual_seed(derive_seed(self.seed, self.epoch, self.rank, number, STAGE2))
             yield self._batch(decoded, on_device[start:start + self.batch_size], generator)
 
+    def remaining_positions(self, epoch: int) -> np.ndarray:
+        """The positions of `epoch` from batch `first_batch` on (what a pass reads)."""
+        return self.epoch_positions(epoch)[self.first_batch * self.batch_size:]
+
     def _start_epoch(self) -> tuple[np.ndarray, torch.Tensor, torch.Generator]:
-        """Once per epoch: this rank's positions (host, and on the device in one copy), and the stage-2
-        generator seeded by (seed, epoch, rank), on the device so that no random draw needs a copy."""
-        positions = self.epoch_positions(self.epoch)
+        """Once per pass: this rank's remaining positions (host, and on the device in one copy), and the
+        stage-2 generator, on the device so that no random draw needs a copy (re-seeded for every batch;
+        seeding is host-side bookkeeping, no synchronisation)."""
+        positions = self.remaining_positions(self.epoch)
         on_device = torch.from_numpy(positions)
         if self.device.type == "cuda":
             on_device = on_device.pin_memory().to(self.device, non_blocking=True)
-        generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, self.rank))
-        return positions, on_device, generator
+        return positions, on_device, torch.Generator(device=self.device)
 
     def _stage2_spec(self, view: ViewSpec) -> ViewSpec:
         """What stage 2 does for a view of this loader: everything on raw sets, the rest after the

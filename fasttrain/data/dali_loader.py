@@ -152,16 +152,16 @@ class EpochFeed:
     def __init__(self, loader: DaliLoader, batches: list[np.ndarray]):
         self.reader, self.sizes, self.views, self.is_raw = loader.reader, loader.sizes, loader.views, loader.is_raw
         self.image_shape, self.seeds = loader.image_shape, (loader.seed, loader.epoch, loader.rank)
-        self.batches, self.number = batches, 0
+        self.batches, self.index, self.first = batches, 0, loader.first_batch
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple:
-        if self.number >= len(self.batches):
+        if self.index >= len(self.batches):
             raise StopIteration
-        positions, number = self.batches[self.number], self.number
-        self.number += 1
+        positions, number = self.batches[self.index], self.first + self.index   # number in the epoch
+        self.index += 1
         samples = [self.reader.image_bytes(p) for p in positions]
         if self.is_raw:
             return ([s.reshape(self.image_shape) for s in samples],)

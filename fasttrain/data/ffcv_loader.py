@@ -107,7 +107,7 @@ class FfcvLoader(LoaderBase):
                          for i, view in enumerate(self.views)}
         # Never distributed=True: the order is already this rank's shard.
         self.loader = Loader(str(self.files), batch_size=self.batch_size, num_workers=self.workers,
-                             os_cache=True, order=EpochOrder(self.epoch_positions), drop_last=self.train,
+                             os_cache=True, order=EpochOrder(self.remaining_positions), drop_last=self.train,
                              pipelines={**pipelines, "label": None, "index": None},
                              batches_ahead=BATCHES_AHEAD)
 
@@ -116,8 +116,14 @@ class FfcvLoader(LoaderBase):
             return [FlipNormalize(self.dataset.mean, self.dataset.std, view.flip, self.channels_last)]
         return [*([RandomHorizontalFlip()] if view.flip else []), ToTensor(), *to_device]
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def close(self) -> None:
+        """Unmap the .beton file, which FFCV otherwise keeps mapped for the loader's whole life; the next epoch
+        maps it again. FFCV's epoch thread ends with its epoch (`_decoded` stops an epoch left early); numba's
+        worker threads are process-wide and stay."""
+        self.loader.memory_manager.context.mmap = None
+
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        super().set_epoch(epoch, first_batch)
         self.loader.next_epoch = epoch
 
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLERS = ("uniform", "balanced", "sqrt", "class_aware")
+SAMPLERS = ("uniform", "resample", "balanced", "sqrt", "class_aware")
 
 
-def epoch_order(labels: np.ndarray, sampler: str, seed: int, epoch: int, samples_per_class: int = 4) -> np.ndarray:
+def epoch_order(labels: np.ndarray, sampler: str, seed: int, epoch: int, samples_per_class: int = 4,
+                cb_beta: float = 0.9999) -> np.ndarray:
     """The global order of one epoch: identical on every rank for the same (seed, epoch).
 
     uniform:     a permutation of all samples.
-    balanced:    len(labels) draws; a class uniformly among the classes present, then a sample uniformly
-                 within it (with replacement).
+    resample:    the paper's `--train_rule Resample` (ImbalancedDatasetSampler, utils.py): len(labels) draws
+                 with replacement, each sample weighted by its class's (1 - beta) / (1 - beta^n_c) (beta =
+                 `cb_beta`, the paper's 0.9999), so class c is drawn with probability proportional to
+                 n_c (1 - beta) / (1 - beta^n_c): NOT class-uniform (CIFAR-10-LT rho 100: the largest class
+                 1.27x as often as the smallest); beta 0 gives the class frequencies of `uniform`.
+    balanced:    len(labels) draws; a class uniformly among the classes present (class-balanced sampling,
+                 Kang et al. 2020), then a sample uniformly within it (with replacement).
     sqrt:        the same with class probability proportional to sqrt(class count).
     class_aware: len(labels) samples in runs of `samples_per_class` of one class (the Decoupling / paper code's
                  ClassAwareSampler): classes in turn from a shuffled list of the classes present, reshuffled
@@ -35,7 +41,12 @@ def epoch_order(labels: np.ndarray, sampler: str, seed: int, epoch: int, samples
     classes, starts, counts = np.unique(labels[members], return_index=True, return_counts=True)
     if sampler == "class_aware":
         return _class_aware(members, starts, counts, n, samples_per_class, rng)
-    weights = np.ones(len(classes)) if sampler == "balanced" else np.sqrt(counts)
+    if sampler == "resample":
+        if not 0 <= cb_beta < 1:
+            raise ValueError(f"cb_beta must be in [0, 1), got {cb_beta}")
+        weights = counts * (1.0 - cb_beta) / (1.0 - np.power(cb_beta, counts.astype(np.float64)))
+    else:
+        weights = np.ones(len(classes)) if sampler == "balanced" else np.sqrt(counts)
     drawn = rng.choice(len(classes), size=n, p=weights / weights.sum())
     within = (rng.random(n) * counts[drawn]).astype(np.int64)
     return members[starts[drawn] + within].astype(np.int64)

@@ -3,7 +3,7 @@
 
 Every batch is fetched whole by one worker (`__getitems__`); its stage-1 randomness (jpeg crop and flip)
 comes from a seed derived from (seed, epoch, rank, batch number), so it does not depend on which worker
-ran it.
+ran it, nor on the batch an epoch started at.
 
 Workers start from a fork server, never by forking this process: by the time a loader starts, the trainer
 holds threads (PyTorch's and OpenMP's pools, DALI and FFCV/numba workers, tqdm's monitor), and a fork taken
@@ -100,6 +100,6 @@ class TorchLoader(LoaderBase):
 
     def _decoded(self, positions: np.ndarray) -> Iterator[list[torch.Tensor]]:
         self.keys.keys = [(derive_seed(self.seed, self.epoch, self.rank, b), positions[i:i + self.batch_size])
-                          for b, i in enumerate(range(0, len(positions), self.batch_size))]
+                          for b, i in enumerate(range(0, len(positions), self.batch_size), start=self.first_batch)]
         for decoded in self.loader:
             yield decoded * len(self.views) if self.is_raw else decoded

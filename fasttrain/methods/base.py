@@ -14,7 +14,7 @@ from torch import nn
 
 from ..data import augment
 from ..dataset import DatasetDir
-from ..models import build_model
+from ..models import build_model, head_for
 from ..models.checkpoint import save_backbone
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class Method:
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg.arch, self.num_outputs(), in_channels=self.dataset.channels,
-                           width=self.cfg.width, head=self.cfg.head)
+                           width=self.cfg.width, head=head_for(self.cfg.head, self.cfg.loss))
 
     def views(self, train: bool) -> list[augment.ViewSpec]:
         if self.dataset.is_raw:

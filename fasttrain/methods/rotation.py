@@ -1,6 +1,7 @@
 """Rotation prediction (Gidaris et al., ICLR 2018), the self-supervised pre-training (SSP) that Yang & Xu
-2020 use on CIFAR-10/100-LT, SVHN-LT: a 4-way classifier of the rotation (0, 90, 180, 270 degrees) of an
-image, no class label used. The backbone (`backbone.pt`) then initialises a supervised run
+2020 use on CIFAR-10/100-LT (their `pretrain_rot.py`, whose datasets are CIFAR-10/100, ImageNet and iNat, not
+SVHN; their ImageNet-LT and iNaturalist SSP results use MoCo v2): a 4-way classifier of the rotation (0, 90,
+180, 270 degrees) of an image, no class label used. The backbone (`backbone.pt`) then initialises a supervised run
 (`--pretrained RUN/backbone.pt`, the head re-initialised).
 
 As the paper's `utils.rotation()`, each image of a batch gets ONE rotation and the batch's rotation labels

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .checkpoint import LoadReport, PretrainedMismatch, backbone_state_dict, load_pretrained, save_backbone
-from .heads import HEADS, NormedLinear
+from .heads import HEAD_CHOICES, HEADS, NormedLinear, head_for
 from .resnet import BasicBlock, Bottleneck, ResNet
 from .resnet_cifar import ResNetCifar
 
@@ -14,8 +14,8 @@ IMAGENET_LAYOUTS = {'resnet10': (BasicBlock, [1, 1, 1, 1]), 'resnet18': (BasicBl
                     'resnet50': (Bottleneck, [3, 4, 6, 3])}
 ARCHS = (*CIFAR_DEPTHS, *IMAGENET_LAYOUTS)
 
-__all__ = ['ARCHS', 'HEADS', 'LoadReport', 'NormedLinear', 'PretrainedMismatch', 'backbone_state_dict',
-           'build_model', 'load_pretrained', 'save_backbone']
+__all__ = ['ARCHS', 'HEAD_CHOICES', 'HEADS', 'LoadReport', 'NormedLinear', 'PretrainedMismatch',
+           'backbone_state_dict', 'build_model', 'head_for', 'load_pretrained', 'save_backbone']
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0,

@@ -11,6 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 HEADS = ('linear', 'cosine')
+HEAD_CHOICES = ('auto', *HEADS)   # --head: 'auto' (the default) picks the head from the loss, see head_for
+
+
+def head_for(head: str, loss: str) -> str:
+    """The head a run builds: `head` when it is 'linear' or 'cosine'; for 'auto' the paper's rule (train.py,
+    train_semi.py, gen_pseudolabels.py: `use_norm = loss_type == 'LDAM'`): cosine with LDAM, linear otherwise.
+    'auto' is what a config holds when --head was not given, also in its saved config.yaml, so a resumed run
+    builds the head it was trained with (the loss cannot change on resume)."""
+    if head == 'auto':
+        return 'cosine' if loss == 'ldam' else 'linear'
+    if head not in HEADS:
+        raise ValueError(f'unknown head {head!r}; valid heads: {", ".join(HEAD_CHOICES)}')
+    return head
 
 
 class NormedLinear(nn.Module):

@@ -9,8 +9,8 @@ from fasttrain.config import Config
 from fasttrain.engine import Engine
 
 data, out, loader = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-cfg = Config(data=data, out=str(out / "run"), arch="resnet20", width=0.5, epochs=2, batch_size=16, lr=0.05,
-             schedule="constant", loader=loader, workers=1)
+cfg = Config(data=data, out=str(out / "run"), arch="resnet20", width=0.5, epochs=8, batch_size=16, lr=0.1,
+             schedule="cosine", loader=loader, workers=1)        # long enough to learn (well above chance)
 engine = Engine(cfg)
 engine.fit()
 acc = engine.accelerator
