@@ -47,7 +47,7 @@ def sizes(cpu: bool) -> dict:
     if cpu:
         return {
             "loaders": ["--num-jpeg", "32", "--num-raw", "256", "--epochs", "1", "--rounds", "1",
-                        "--batch-size", "16", "--size", "64"],
+                        "--batch-size", "16", "--size", "64", "--sets", "jpeg,raw"],
             # fp32: bf16 autocast on a CPU without bf16 units is several times slower
             "resnet50": ["--arch", "resnet50", "--image-size", "66", "--images", "10", "--batch-size", "5",
                          "--rounds", "1", "--precision", "no", "--channels-last"],
@@ -58,7 +58,7 @@ def sizes(cpu: bool) -> dict:
         }
     return {
         "loaders": ["--num-jpeg", "2048", "--num-raw", "50000", "--epochs", "2", "--rounds", "2",
-                    "--batch-size", "256", "--size", "160"],
+                    "--batch-size", "256", "--size", "160", "--sets", "jpeg,raw"],
         "resnet50": ["--arch", "resnet50", "--image-size", "160", "--images", "3072", "--batch-size", "256",
                      "--rounds", "2", "--precision", "bf16", "--channels-last"],
         "cifar": ["--arch", "resnet32", "--image-size", "32", "--images", "12406", "--test-images", "10000",

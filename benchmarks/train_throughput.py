@@ -31,7 +31,7 @@ class Preloaded:
     def __init__(self, batches):
         self.batches = batches
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, first_batch=0):
         pass
 
     def __len__(self):

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import ConvertError
-from data_prep.writers import RawStore, dali_bytes, default_workers, prepare_jpegs, write_dali, write_ffcv
+from data_prep.writers import (DEFAULT_MAX_SIDE, MIN_SHORT_SIDE, RawStore, dali_bytes, default_workers, prepare_jpegs,
+                               write_dali, write_ffcv)
 
 FORMAT_VERSION = 1
 FORMATS = ("ffcv", "dali")
@@ -196,10 +197,15 @@ def check_write_options(*, formats, shard_size: int, max_side: int, jpeg_quality
 
 
 def write_dataset(out, splits: dict[str, dict], *, num_classes: int, encoding: str,
-                  formats=FORMATS, shard_size: int = 1000, max_side: int = 256, jpeg_quality: int = 90,
-                  class_names=None, extra_manifest: dict | None = None, workers: int | None = None,
-                  overwrite: bool = False, skip_bad: bool = False) -> Path:
+                  formats=FORMATS, shard_size: int = 1000, max_side: int = DEFAULT_MAX_SIDE, jpeg_quality: int = 90,
+                  normalization: dict | None = None, class_names=None, extra_manifest: dict | None = None,
+                  workers: int | None = None, overwrite: bool = False, skip_bad: bool = False) -> Path:
     """Write a dataset directory (DESIGN.md) from prepared splits; returns `out`.
+
+    JPEG sets: images are stored by `data_prep.writers.stored_size` (`max_side`: cap on the longer side).
+    `normalization`: {"name", "mean", "std"}, fixed per-channel constants on the 0-1 scale (as
+    transforms.Normalize takes them) that the loaders normalise with, recorded under `name` (convert: the
+    paper's, "paper"); None: the train split's mean / std ("train_split").
 
     splits[name] = {"images": N x H x W x C uint8 (raw) | list of encoded bytes / file paths / N x H x W x 3
     array (jpeg), "labels": int array (the true labels for "unlabeled": written to
@@ -216,6 +222,7 @@ def write_dataset(out, splits: dict[str, dict], *, num_classes: int, encoding: s
                         workers=workers)
     if "train" not in splits:
         raise ConvertError(f"no 'train' split given (got {sorted(splits)})")
+    _check_normalization(normalization, np.shape(splits["train"]["images"])[-1] if encoding == "raw" else 3)
     workers = default_workers(workers)
     check_out(out, overwrite)
     check_out_writable(out)
@@ -229,7 +236,7 @@ def write_dataset(out, splits: dict[str, dict], *, num_classes: int, encoding: s
     try:
         manifest = _write_splits(tmp, splits, num_classes=num_classes, encoding=encoding, formats=formats,
                                  shard_size=shard_size, max_side=max_side, jpeg_quality=jpeg_quality,
-                                 workers=workers, skip_bad=skip_bad, writing=writing)
+                                 normalization=normalization, workers=workers, skip_bad=skip_bad, writing=writing)
         extra = dict(extra_manifest or {})
         manifest["skipped"] = list(extra.pop("skipped", [])) + manifest["skipped"]
         if manifest["skipped"] and isinstance(extra.get("longtail"), dict):
@@ -278,8 +285,8 @@ def _write_error(e: OSError, out: Path, tmp: Path, writing: dict) -> ConvertErro
 
 
 def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_size, max_side,
-                  jpeg_quality, workers, skip_bad, writing) -> dict:
-    entries, skipped, image_info = {}, [], None
+                  jpeg_quality, normalization, workers, skip_bad, writing) -> dict:
+    entries, skipped, image_info, largest_side = {}, [], None, 0
     for name, spec in splits.items():
         labels = np.asarray(spec["labels"], dtype=np.int64)
         n = len(labels)
@@ -308,6 +315,7 @@ def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_si
                                              quality=jpeg_quality, workers=workers, names=names,
                                              skip_bad=skip_bad, desc=name)
             labels, index, skipped = labels[kept], index[kept], skipped + bad
+            largest_side = max(largest_side, int(store.shapes.max(initial=0)))
             _require_space(tmp, _split_bytes(store, formats, shard_size), f"--out {writing['out']}, split {name!r}")
         writing.update(need=_split_bytes(store, formats, shard_size), split=name)
         counts = np.bincount(labels[labels >= 0], minlength=num_classes)
@@ -317,6 +325,8 @@ def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_si
                                f"--max-per-class / lower --rho")
         file_labels = labels if labeled else np.full_like(labels, -1)
         entry = {"num_samples": int(len(labels)), "class_counts": counts.tolist(), "labeled": labeled}
+        if encoding == "jpeg":
+            entry["stored"] = dict(store.stored)
         if "requested_class_counts" in spec:
             requested = np.asarray(spec["requested_class_counts"], dtype=np.int64)
             entry["requested_class_counts"] = requested.tolist()
@@ -338,16 +348,36 @@ def _write_splits(tmp: Path, splits, *, num_classes, encoding, formats, shard_si
             np.save(tmp / f"{name}.true_labels.npy", labels)
             entry["true_labels"] = f"{name}.true_labels.npy"
         if name == "train":
-            mean, std = _mean_std(store, STATS_SAMPLE)
             shape = store.images.shape[1:] if encoding == "raw" else (None, None, 3)
             image_info = {"encoding": encoding, "height": shape[0], "width": shape[1], "channels": shape[2],
                           "max_side": max_side if encoding == "jpeg" else None,
+                          "min_short_side": MIN_SHORT_SIDE if encoding == "jpeg" else None,
                           "jpeg_quality": jpeg_quality if encoding == "jpeg" else None,
-                          "mean": mean, "std": std}
+                          **_normalization(store, normalization)}
         if encoding == "jpeg":
             (tmp / f".{name}.jpegs").unlink()
         entries[name] = entry
+    if encoding == "jpeg":
+        image_info["largest_side"] = largest_side  # every stored image fits in largest_side x largest_side
     return {"image": image_info, "splits": entries, "skipped": skipped}
+
+
+def _normalization(store, constants: dict | None) -> dict:
+    """The manifest's mean / std (0-255 scale) and where they come from (see write_dataset)."""
+    if constants is None:
+        mean, std = _mean_std(store, STATS_SAMPLE)
+        return {"mean": mean, "std": std, "normalization": "train_split"}
+    mean, std = ([round(float(v) * 255, 4) for v in constants[key]] for key in ("mean", "std"))
+    return {"mean": mean, "std": std, "normalization": str(constants["name"])}
+
+
+def _check_normalization(constants: dict | None, channels: int) -> None:
+    if constants is None:
+        return
+    mean, std = constants.get("mean", ()), constants.get("std", ())
+    if not (len(mean) == len(std) == channels and all(v > 0 for v in std) and "name" in constants):
+        raise ConvertError(f"normalization {constants}: needs a name, {channels} means and {channels} positive "
+                           f"stds (0-1 scale)")
 
 
 # ---------------------------------------------------------------- source -> splits
@@ -379,7 +409,7 @@ def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | N
 
     Class sizes follow `src.class_order` (head first: SVHN's is 1..9, 0 as in the paper). The pool has
     `unlabeled_factor` x the labeled size with profile rho_u; a pool that cannot supply that is a
-    ConvertError unless `allow_smaller_pool`. `unlabeled_factor=None`: 5 where the source has a pool.
+    ConvertError unless `allow_smaller_pool`. `unlabeled_factor=None`: default_unlabeled_factor.
     `val_per_class` > 0 (sources without a val split): a balanced val split of that many images per class,
     drawn from the train images not in the labeled set (and kept out of the pool), for model selection."""
     from data_prep.longtail import class_counts, select, unlabeled_counts
@@ -426,9 +456,8 @@ def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | N
         vrows = select(train.labels, [val_per_class] * c, [seed, 2], candidates=free)
         splits["val"] = dict(zip(("images", "labels"), train.take(vrows)), source_index=train.index[vrows],
                              names=train.names(vrows))
-    has_pool = src.pool is not None or not src.longtail_given
     if unlabeled_factor is None:
-        unlabeled_factor = 5 if has_pool else 0
+        unlabeled_factor = default_unlabeled_factor(src.name, src.pool is not None)
     info = {"longtail": {"profile": profile, "rho": None if profile == "split-file" else _number(rho),
                          "max_per_class": n_max, "rho_u": _number(rho_u),
                          "unlabeled_factor": _number(unlabeled_factor), "seed": seed}}
@@ -472,15 +501,37 @@ def build_splits(src, *, profile: str | None, rho: float, max_per_class: int | N
     return splits, info
 
 
+PAPER_POOL_FACTOR = 5  # the paper's unlabeled pool: 5 x the labeled set (train_semi.py, unlabel_size_factor)
+
+
+def default_unlabeled_factor(source: str, pool_given: bool) -> int:
+    """Pool size / labeled size when --unlabeled-factor is not given: the paper's 5 where the paper has a pool
+    (CIFAR-10 with the TinyImages file, SVHN with its `extra` split), else 0 (no pool). Pools the paper does
+    not use (the rest of ImageNet, leftover train images) are only drawn when asked for."""
+    return PAPER_POOL_FACTOR if source == "svhn" or (source == "cifar10" and pool_given) else 0
+
+
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
 EPILOG = """examples (also as `fasttrain-convert ...`):
-  python -m data_prep.convert --source fmnist --root /usr/share/datasets/fashion-mnist --rho 100 --rho-u 100 \\
-      --max-per-class 1000 --out data/fmnist_lt
+  python -m data_prep.convert --source fmnist --root /usr/share/datasets/fashion-mnist --rho 100 \\
+      --max-per-class 1000 --unlabeled-factor 5 --rho-u 100 --out data/fmnist_lt
   python -m data_prep.convert --source cifar10 --root cifar-10-batches-py --rho 100 \\
-      --unlabeled-file ti_80M_selected.pickle --rho-u 1 --out data/cifar10_lt_r100"""
+      --unlabeled-file ti_80M_selected.pickle --rho-u 1 --out data/cifar10_lt_r100
+  python -m data_prep.convert --source imagenet_lt --root /datasets/imagenet --split-file ImageNet_LT_train.txt \\
+      --val-split-file ImageNet_LT_val.txt --test-split-file ImageNet_LT_test.txt --out data/imagenet_lt
+
+stored image size (jpeg sets): an image is stored as it is (a JPEG: its original bytes) unless its longer side
+exceeds --max-side; then it is scaled down to --max-side on the longer side, but an image whose shorter side
+is at least 256 keeps at least 256 of it. The default 800 keeps the pixels the paper's transforms use
+(RandomResizedCrop(224); Resize(256) + CenterCrop(224)): iNaturalist 2018 images are at most 800 px and
+typical ImageNet images about 500 px. A smaller --max-side decodes faster but is a departure from the paper
+(README, "Stored image size"): --max-side 256 stores most images at a shorter side of 256.
+
+normalisation: the paper's fixed constants for cifar10/cifar100, svhn, imagenet_lt and inat2018 (recorded in
+manifest.json as "normalization": "paper"); the train split's mean / std for fmnist and folder."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -503,7 +554,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "train split)")
     p.add_argument("--rho-u", type=float, default=None, help="imbalance ratio of the unlabeled pool (default: --rho)")
     p.add_argument("--unlabeled-factor", type=float, default=None,
-                   help="pool size / labeled train size (0: no pool; default 5, or 0 for a source without a pool)")
+                   help="pool size / labeled train size (0: no pool). Default: the paper's 5 where the paper has "
+                        "a pool (cifar10 with --unlabeled-file, svhn: its extra split); else 0. Other pools "
+                        "(imagenet_lt: ImageNet train images not in the split; fmnist / cifar100 / folder: train "
+                        "images not selected) only when asked for")
     p.add_argument("--allow-smaller-pool", action="store_true",
                    help="accept an unlabeled pool smaller than --unlabeled-factor asks for (recorded in the manifest)")
     p.add_argument("--unlabeled-file", type=Path, default=None, help="cifar10: TinyImages pool pickle")
@@ -518,7 +572,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--formats", default="ffcv,dali", help="comma-separated subset of ffcv,dali")
     p.add_argument("--shard-size", type=int, default=1000, help="DALI samples per tar shard")
-    p.add_argument("--max-side", type=int, default=256, help="jpeg sets: cap on the longer image side")
+    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                   help="jpeg sets: cap on the longer side of a stored image (see 'stored image size' below)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the manifest)")
@@ -554,8 +609,13 @@ def check_args(args) -> list[str]:
     if args.unlabeled_file is not None and args.source != "cifar10":
         raise ConvertError(f"--unlabeled-file is for --source cifar10 (TinyImages); {args.source} takes its "
                            f"pool from its own data")
+    default = ""
+    if args.unlabeled_factor is None:
+        args.unlabeled_factor = default_unlabeled_factor(args.source, args.unlabeled_file is not None)
+        default = f" (the default for {args.source}{' without --unlabeled-file' if args.source == 'cifar10' else ''})"
     if args.unlabeled_factor == 0 and args.allow_smaller_pool:
-        raise ConvertError("--allow-smaller-pool with --unlabeled-factor 0: there is no pool; drop one of them")
+        raise ConvertError(f"--allow-smaller-pool with --unlabeled-factor 0{default}: there is no pool; drop "
+                           f"--allow-smaller-pool or ask for a pool with --unlabeled-factor")
     if not Path(args.root).exists():
         raise ConvertError(f"--root {args.root}: no such directory; point it at the source in its original format")
     for flag, path in (("--split-file", args.split_file), ("--val-split-file", args.val_split_file),
@@ -567,7 +627,7 @@ def check_args(args) -> list[str]:
 
 def convert(args, command: str | None = None) -> Path:
     """Source -> dataset directory. `args`: a parsed Namespace or a list of CLI arguments."""
-    from data_prep.sources import read_source
+    from data_prep.sources import PAPER_NORMALIZATION, read_source
     if not isinstance(args, argparse.Namespace):
         command = command or " ".join(["python -m data_prep.convert", *map(shlex.quote, map(str, args))])
         args = parse_args([str(a) for a in args])
@@ -586,7 +646,8 @@ def convert(args, command: str | None = None) -> Path:
              **info, "command": command or " ".join(map(shlex.quote, [sys.executable] + sys.argv))}
     return write_dataset(args.out, splits, num_classes=src.num_classes, encoding=src.encoding, formats=formats,
                          shard_size=args.shard_size, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
-                         class_names=src.class_names, extra_manifest=extra, workers=args.workers,
+                         normalization=PAPER_NORMALIZATION.get(src.name), class_names=src.class_names,
+                         extra_manifest=extra, workers=args.workers,
                          overwrite=args.overwrite, skip_bad=args.skip_bad)
 
 

@@ -24,6 +24,17 @@ SOURCES = ("fmnist", "cifar10", "cifar100", "svhn", "imagenet_lt", "inat2018", "
 SPLIT_SOURCE_CLASSES = {"imagenet_lt": 1000, "inat2018": 8142}  # class count of each split-file source
 SVHN_CLASS_ORDER = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]  # the paper's code rolls the classes: digit 0 is the rarest
 SVHN_N_MAX = 1000  # imbalance_svhn.py: img_max = 1000
+# Input normalisation of the paper's code, per source: transforms.Normalize(mean, std) on the 0-1 scale.
+# CIFAR-10/100: train.py, train_semi.py, gen_pseudolabels.py, pretrain_rot.py; SVHN: train.py, train_semi.py
+# (0.5 / 0.5); ImageNet-LT and iNaturalist 2018: imagenet_inat/data/dataloader.py (RGB_statistics) and
+# pretrain_moco.py. Sources the paper does not have (fmnist, folder) use the train split's statistics.
+_CIFAR = {"name": "paper", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2023, 0.1994, 0.2010)}
+PAPER_NORMALIZATION = {
+    "cifar10": _CIFAR, "cifar100": _CIFAR,
+    "svhn": {"name": "paper", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    "imagenet_lt": {"name": "paper", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+    "inat2018": {"name": "paper", "mean": (0.466, 0.471, 0.380), "std": (0.195, 0.194, 0.192)},
+}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                   "Bag", "Ankle boot"]

@@ -1,8 +1,18 @@
 """Writers: image preparation (decode / resize / JPEG), FFCV .beton, DALI webdataset shards + index.
 
-Each split's images are first put in an `ImageStore` (raw pixels, or clean RGB JPEG bytes prepared by a
-process pool); the FFCV and DALI writers then read from the same store, so both formats hold the same
-samples at the same positions (for JPEG sets, the same JPEG bytes).
+Each split's images are first put in an `ImageStore` (raw pixels, or JPEG bytes prepared by a process pool);
+the FFCV and DALI writers then read from the same store, so both formats hold the same samples at the same
+positions (for JPEG sets, the same JPEG bytes).
+
+Stored size of JPEG sets (`stored_size`). The paper's transforms run on the original files: RandomResizedCrop
+(224) for training, Resize(256) + CenterCrop(224) for evaluation. So an image is stored at its own size unless
+its longer side exceeds `max_side` (default DEFAULT_MAX_SIDE = 800, the size of the iNaturalist 2018 release:
+every iNat 2018 image and typical ImageNet images, about 500 px, are stored as they are); a larger image is
+scaled down to `max_side` on its longer side, except that an image whose shorter side is at least
+MIN_SHORT_SIDE (256) keeps at least 256 of it, so that the evaluation's Resize(256) is a downscale, as on the
+original. An RGB or grayscale JPEG stored at its own size keeps its original bytes: no second JPEG loss, and
+the fastest conversion. Anything else (CMYK, PNG, arrays, resized images) is decoded to RGB and encoded at
+the given quality. The cap bounds the loaders' decode buffers (FFCV sizes them by the largest image).
 
 Every file is written by the main process, in position order: the outputs are byte-identical for any
 worker count, and a failed write (a full disk) raises in the main process instead of stranding a worker.
@@ -28,6 +38,9 @@ from data_prep import ConvertError
 
 JPEG_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 MAX_LISTED = 20  # bad images named in one error message (the rest are counted)
+DEFAULT_MAX_SIDE = 800  # cap on the longer side of a stored JPEG (see the module docstring)
+MIN_SHORT_SIDE = 256  # the evaluation's Resize(256): a stored shorter side never drops below it
+KEPT_MODES = ("RGB", "L")  # JPEGs every loader decodes as they are (FFCV, DALI, PIL); CMYK is re-encoded
 
 
 def default_workers(workers: int | None) -> int:
@@ -61,8 +74,8 @@ class RawStore:
 
 
 class JpegStore:
-    """Clean RGB JPEGs, concatenated in one file (`path`) with byte offsets and (height, width) per image;
-    read through a memmap."""
+    """JPEGs (RGB or grayscale), concatenated in one file (`path`) with byte offsets and (height, width) per
+    image; read through a memmap."""
     encoding, dali_ext = "jpeg", "jpg"
 
     def __init__(self, path: Path, offsets: np.ndarray, shapes: np.ndarray):
@@ -91,9 +104,27 @@ def _set_items(items) -> None:
     _ITEMS = items
 
 
-def to_jpeg(item, max_side: int, quality: int) -> tuple[bytes, tuple[int, int]]:
-    """Decode anything PIL reads (path, encoded bytes, H x W x 3 array) to RGB, cap the long side, encode.
-    Returns the JPEG bytes and the image's (height, width)."""
+def stored_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) an image is stored at (see the module docstring): as it is when its longer side is at
+    most `max_side`; else `max_side` on the longer side, unless that takes a shorter side of at least
+    MIN_SHORT_SIDE below it: then the shorter side is MIN_SHORT_SIDE and the longer one as torchvision's
+    Resize(MIN_SHORT_SIDE) sizes it."""
+    longer, shorter = max(width, height), min(width, height)
+    if longer <= max_side:
+        return width, height
+    if shorter >= MIN_SHORT_SIDE and shorter * max_side / longer < MIN_SHORT_SIDE:
+        new_longer, new_shorter = int(MIN_SHORT_SIDE * longer / shorter), MIN_SHORT_SIDE
+    else:
+        new_longer, new_shorter = max_side, max(1, round(shorter * max_side / longer))
+    return (new_longer, new_shorter) if width >= height else (new_shorter, new_longer)
+
+
+def to_jpeg(item, max_side: int, quality: int) -> tuple[bytes, tuple[int, int], str]:
+    """One image (path, encoded bytes, or H x W x 3 array) -> (JPEG bytes, (height, width), how): `how` is
+    "original" (a JPEG kept byte for byte: RGB or grayscale, already at its stored size; checked by decoding
+    it), "re-encoded" (decoded to RGB and encoded at `quality`) or "resized" (also scaled to stored_size with
+    antialiased bilinear, the filter of the paper's Resize: a stored shorter side of 256 holds Resize(256)'s
+    pixels, up to the JPEG encoding)."""
     if isinstance(item, (str, Path)):
         with open(item, "rb") as f:
             item = f.read()
@@ -101,17 +132,22 @@ def to_jpeg(item, max_side: int, quality: int) -> tuple[bytes, tuple[int, int]]:
         if len(item) == 0:
             raise _BadImage("empty file (0 bytes)")
         img = Image.open(io.BytesIO(item))
-        img.draft("RGB", (max_side, max_side))  # DCT-domain downscale of big JPEGs; keeps size >= max_side
+        width, height = img.size
+        target = stored_size(width, height, max_side)
+        if img.format == "JPEG" and img.mode in KEPT_MODES and target == (width, height):
+            img.draft(img.mode, (width // 8, height // 8))  # decodes every byte (a bad file raises), at 1/8 scale
+            img.load()
+            return bytes(item), (height, width), "original"
     else:
         img = Image.fromarray(np.asarray(item, dtype=np.uint8))
+        width, height = img.size
+        target = stored_size(width, height, max_side)
     img = img.convert("RGB")
-    if max(img.size) > max_side:
-        scale = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.BICUBIC, reducing_gap=3.0)
+    if img.size != target:      # antialiased bilinear: the filter of the paper's Resize (torchvision on PIL)
+        img = img.resize(target, Image.BILINEAR)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
-    return out.getvalue(), (img.height, img.width)
+    return out.getvalue(), (img.height, img.width), "re-encoded" if target == (width, height) else "resized"
 
 
 class _BadImage(Exception):
@@ -123,16 +159,15 @@ def _prepare_range(args):
     results = []
     for i in range(start, stop):
         try:
-            data, shape = to_jpeg(_ITEMS[i], max_side, quality)
-            results.append((data, shape, None))
+            results.append((*to_jpeg(_ITEMS[i], max_side, quality), None))
         except FileNotFoundError:
-            results.append((None, None, "missing file"))
+            results.append((None, None, None, "missing file"))
         except _BadImage as e:
-            results.append((None, None, str(e)))
+            results.append((None, None, None, str(e)))
         except UnidentifiedImageError:
-            results.append((None, None, "not an image (no format PIL can read)"))
+            results.append((None, None, None, "not an image (no format PIL can read)"))
         except JPEG_ERRORS as e:
-            results.append((None, None, f"unreadable or truncated image ({type(e).__name__}: {e})"))
+            results.append((None, None, None, f"unreadable or truncated image ({type(e).__name__}: {e})"))
     return results
 
 
@@ -165,15 +200,17 @@ def ordered_map(fn, n: int, workers: int, chunk: int, extra: tuple, desc: str, i
 
 def prepare_jpegs(items, path: Path, *, max_side: int, quality: int, workers: int,
                   names: list[str], skip_bad: bool, desc: str) -> tuple[JpegStore, np.ndarray, list[dict]]:
-    """Encode `items` to clean JPEGs in `path` with a process pool.
+    """Store `items` as JPEGs (`to_jpeg`) in `path` with a process pool.
 
-    Returns the store, the positions kept (into `items`) and the skipped files [{split, file, reason}].
-    Bad items are all found in one pass; without `skip_bad` they are then one ConvertError listing them."""
+    Returns the store (`store.stored`: how many images were kept as they are, re-encoded, resized), the
+    positions kept (into `items`) and the skipped files [{split, file, reason}]. Bad items are all found in
+    one pass; without `skip_bad` they are then one ConvertError listing them."""
     offsets, shapes, kept, bad = [0], [], [], []
+    stored = {"original": 0, "re-encoded": 0, "resized": 0}
     with open(path, "wb") as f:
         results = ordered_map(_prepare_range, len(items), workers, 8, (max_side, quality), desc, items)
-        for i, (data, shape, reason) in enumerate(tqdm(results, total=len(items), desc=f"prepare {desc}",
-                                                       unit="img")):
+        for i, (data, shape, how, reason) in enumerate(tqdm(results, total=len(items), desc=f"prepare {desc}",
+                                                            unit="img")):
             if data is None:
                 bad.append({"split": desc, "file": names[i], "reason": reason})
                 continue
@@ -182,14 +219,16 @@ def prepare_jpegs(items, path: Path, *, max_side: int, quality: int, workers: in
                 offsets.append(offsets[-1] + len(data))
                 shapes.append(shape)
                 kept.append(i)
+                stored[how] += 1
     if bad and not skip_bad:
         listed = "; ".join(f"{b['file']}: {b['reason']}" for b in bad[:MAX_LISTED])
         more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         raise ConvertError(f"split {desc!r}: {len(bad)} bad image(s): {listed}{more}; restore each file or "
                            f"remove it from the source (for a split file: delete its line), or pass --skip-bad "
                            f"to skip them (they are then listed in manifest.json)")
-    return (JpegStore(path, np.asarray(offsets, np.int64), np.asarray(shapes, np.int64).reshape(-1, 2)),
-            np.asarray(kept, np.int64), bad)
+    store = JpegStore(path, np.asarray(offsets, np.int64), np.asarray(shapes, np.int64).reshape(-1, 2))
+    store.stored = stored
+    return store, np.asarray(kept, np.int64), bad
 
 
 # ---------------------------------------------------------------- FFCV

@@ -101,11 +101,25 @@ class DatasetDir:
 
     @property
     def mean(self) -> list[float]:
+        """Per-channel mean (0-255) every loader normalises with; see `normalization`."""
         return [float(v) for v in self.image["mean"]]
 
     @property
     def std(self) -> list[float]:
         return [float(v) for v in self.image["std"]]
+
+    @property
+    def normalization(self) -> str:
+        """Where `mean` / `std` come from: "paper" (the paper's constants for its datasets) or "train_split"
+        (the train split's statistics; also every dataset converted before this was recorded)."""
+        return str(self.image.get("normalization", "train_split"))
+
+    @property
+    def largest_side(self) -> int | None:
+        """JPEG sets: every stored image fits in a largest_side x largest_side square (None: raw sets)."""
+        if self.is_raw:
+            return None
+        return int(self.image.get("largest_side") or self.image["max_side"])
 
     @property
     def class_names(self) -> list[str]:

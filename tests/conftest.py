@@ -111,7 +111,7 @@ def mark_metrics(run_dir) -> list[str]:
 @pytest.fixture
 def one_torch_thread():
     """Runs compared bit for bit need the same number of torch threads: with OMP_NUM_THREADS set, the engine
-    keeps the process's count, which an FFCV loader of an earlier test (workers=2) changes."""
+    keeps the process's count, which an earlier test may have changed."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -21,6 +21,27 @@ def natural_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(0.5 * base + 0.5 * blur, 0, 255).astype(np.uint8)
 
 
+def detailed_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A photo-sized RGB image with detail at every scale, down to 3-pixel periods (band-limited noise at
+    periods 60, 17, 7, 4.5 and 3.3 px): what an evaluation crop loses when the image is stored too small."""
+    img = np.zeros((h, w, 3))
+    for period in (60, 17, 7, 4.5, 3.3):
+        noise = rng.normal(size=(int(h / period) + 2, int(w / period) + 2, 3))
+        noise = ((noise - noise.min()) / np.ptp(noise) * 255).astype(np.uint8)
+        img += np.asarray(Image.fromarray(noise).resize((w, h), Image.BICUBIC), np.float64) - 128
+    return np.clip(128 + 0.6 * img, 0, 255).astype(np.uint8)
+
+
+def resize_center_crop(img: Image.Image, resize: int, size: int) -> np.ndarray:
+    """torchvision's Resize(resize) + CenterCrop(size) on a PIL image (antialiased bilinear), written out: the
+    paper's evaluation transform with resize 256, size 224. Returns size x size x C float64."""
+    w, h = img.size
+    new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)), np.float64)
+
+
 def class_images(n_per_class: list[int], shape=(8, 8, 3), seed=0):
     """Random uint8 images with labels sorted by class (n_per_class[c] of class c)."""
     rng = np.random.default_rng(seed)

@@ -4,6 +4,7 @@ import colorsys
 import numpy as np
 import pytest
 import torch
+from data_prep_fixtures import resize_center_crop
 
 from fasttrain.data import augment as A
 
@@ -86,11 +87,19 @@ def test_rrc_boxes_respect_scale_ratio_and_bounds():
     assert ((w / h)[big] >= 0.7).all() and ((w / h)[big] <= 1.4).all()
 
 
-def test_center_boxes_follow_ffcv():
+def test_center_boxes_are_torchvisions_resize_then_center_crop():
+    # size 64, ratio 0.875: Resize(73). 100 x 200 -> 73 x 146, window at (4, 41); 81 x 40 -> 147 x 73, (42, 4)
     boxes = A.crop_boxes(A.large_eval(64), torch.tensor([[100, 200], [81, 40]]), gen())
-    side = [int(0.875 * 100), int(0.875 * 40)]
-    assert boxes.tolist() == [[(100 - side[0]) // 2, (200 - side[0]) // 2, side[0], side[0]],
-                              [(81 - side[1]) // 2, (40 - side[1]) // 2, side[1], side[1]]]
+    expected = [[4 * 100 / 73, 41 * 200 / 146, 64 * 100 / 73, 64 * 200 / 146],
+                [42 * 81 / 147, 4 * 40 / 73, 64 * 81 / 147, 64 * 40 / 73]]
+    np.testing.assert_allclose(boxes.numpy(), expected, rtol=1e-12)
+    from PIL import Image        # resizing the box of the whole image = resizing the image, then cropping
+    rng = np.random.default_rng(0)
+    for h, w in ((375, 500), (600, 800), (333, 500), (500, 281)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        top, left, bh, bw = A.crop_boxes(A.large_eval(224), torch.tensor([[h, w]]), gen())[0].tolist()
+        got = np.asarray(img.resize((224, 224), Image.BILINEAR, box=(left, top, left + bw, top + bh)), np.float64)
+        assert np.abs(got - resize_center_crop(img, 256, 224)).max() <= 1
 
 
 def test_resized_crop_of_the_whole_image_is_identity_or_mirror():

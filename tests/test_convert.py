@@ -147,7 +147,9 @@ def test_failure_midway_leaves_nothing_and_rerun_succeeds(tmp_path, monkeypatch)
         write_dataset(tmp_path / "ds", splits, num_classes=2, encoding="raw", formats=("dali",))
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(convert_mod, "write_dali", real)
-    DatasetDir(write_dataset(tmp_path / "ds", splits, num_classes=2, encoding="raw", formats=("dali",)))
+    ds = DatasetDir(write_dataset(tmp_path / "ds", splits, num_classes=2, encoding="raw", formats=("dali",)))
+    assert sorted(ds.manifest["splits"]) == ["test", "train"] and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    assert np.array_equal(ds.split("test").labels, y) and ds.split("test").dali_dir.is_dir()
 
 
 def test_killed_conversion_leaves_no_manifest_and_rerun_cleans_up(tmp_path):
@@ -175,9 +177,24 @@ def test_killed_conversion_leaves_no_manifest_and_rerun_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
-def test_manifest_written_last_and_is_valid_json(raw_set):
-    out, _ = raw_set
+def test_manifest_written_last_and_is_valid_json(tmp_path, monkeypatch):
+    """When manifest.json appears (the rename of its .part file), every other file is complete."""
+    seen = {}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name == "manifest.json.part":
+            seen.update({p.relative_to(Path(src).parent).as_posix(): p.stat().st_size
+                         for p in Path(src).parent.rglob("*") if p.is_file() and p.name != "manifest.json.part"})
+        real_replace(src, dst)
+
+    monkeypatch.setattr(convert_mod.os, "replace", replace)
+    x, y = class_images([5, 3])
+    out = write_dataset(tmp_path / "ds", {"train": {"images": x, "labels": y}, "test": {"images": x, "labels": y}},
+                        num_classes=2, encoding="raw", workers=1)
+    final = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file()}
+    assert seen and seen == {k: v for k, v in final.items() if k != "manifest.json"}
     m = json.loads((out / "manifest.json").read_text())
-    assert list(m["splits"]) == ["train", "unlabeled", "test"]
+    assert list(m["splits"]) == ["train", "test"] and set(m["checksums"]) == set(seen)
     assert m["splits"]["train"]["dali"] == "dali/train" and m["splits"]["train"]["ffcv"] == "train.beton"
     assert not list(out.glob("*.part")) and not list(out.glob(".*"))

@@ -348,15 +348,17 @@ def _files(out: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "manifest.json"}
 
 
-def test_identical_conversions_are_byte_identical_with_default_workers(tmp_path, fmnist_root):
+def test_identical_conversions_are_byte_identical_whatever_the_worker_count(tmp_path, fmnist_root):
     assert len(os.sched_getaffinity(0)) >= 2 or pytest.skip("needs 2 cores for parallel workers")
     x, y = class_images([1500, 1000, 500], (8, 8, 3))
     raw = [write_dataset(tmp_path / f"raw{k}", {"train": {"images": x, "labels": y}}, num_classes=3,
-                         encoding="raw", formats=("ffcv",)) for k in range(2)]  # no workers=: every core
+                         encoding="raw", formats=("ffcv",), workers=workers)
+           for k, workers in enumerate((None, 1))]  # None: every core
     make_folder(tmp_path / "f", per_class=(80, 70, 60), test_per_class=3)
     args = ["--source", "folder", "--root", tmp_path / "f", "--profile", "none", "--unlabeled-factor", 0,
             "--max-side", 16]
-    jpeg = [convert(list(map(str, args + ["--out", tmp_path / f"jpeg{k}"]))) for k in range(2)]
+    jpeg = [convert(list(map(str, args + ["--out", tmp_path / f"jpeg{k}", *workers])))
+            for k, workers in enumerate(([], ["--workers", "1"]))]
     for a, b in (raw, jpeg):
         ma, mb = (json.loads((r / "manifest.json").read_text()) for r in (a, b))
         assert ma["checksums"] == mb["checksums"] and _files(a) == _files(b)

@@ -119,10 +119,10 @@ def test_cifar10_with_tinyimages_pool_and_shortfall(tmp_path):
     assert np.array_equal(unl.true_labels(), ti["extrapolated_targets"][di - 400])
 
 
-def test_cifar10_without_tinyimages_needs_the_pool_file_or_the_flag(tmp_path):
+def test_cifar10_pool_without_tinyimages_needs_the_pool_file_or_the_flag(tmp_path):
     make_cifar10(tmp_path / "src")
     args = ["--source", "cifar10", "--root", tmp_path / "src", "--max-per-class", 30, "--rho", 10, "--rho-u", 1,
-            "--formats", "dali", "--out", tmp_path / "out"]
+            "--unlabeled-factor", 5, "--formats", "dali", "--out", tmp_path / "out"]
     with pytest.raises(ConvertError, match=r"pool \(train_not_selected\) cannot supply what --unlabeled-factor 5 "
                                            r"--rho-u 1 asks for: needs 590 images, has 282 of them .*pass "
                                            r"--unlabeled-file with the TinyImages pool"):
@@ -239,6 +239,91 @@ def test_real_split_files_parse():
         assert len(paths) == len(labels) == n and labels.max() + 1 == classes
     paths, _ = read_split_file(SPLITS / "ImageNet_LT_test.txt.gz")
     assert paths[0].startswith("val/n01440764/")
+
+
+# ---------------------------------------------------------------- defaults: the paper's pools and normalisation
+
+
+def test_default_pool_only_where_the_paper_has_one(tmp_path, fmnist_root):
+    assert not run("--source", "fmnist", "--root", fmnist_root, "--rho", 10, "--max-per-class", 20, "--formats",
+                   "dali", "--out", tmp_path / "fm").has_split("unlabeled")
+    make_cifar100(tmp_path / "c100")                      # leftover train images cannot supply 5x: no pool
+    c100 = ["--source", "cifar100", "--root", tmp_path / "c100", "--max-per-class", 10, "--rho", 5, "--formats", "dali"]
+    ds = run(*c100, "--out", tmp_path / "c100_out")
+    assert not ds.has_split("unlabeled") and ds.manifest["longtail"]["unlabeled_factor"] == 0
+    assert "unlabeled_pool" not in ds.manifest
+    with pytest.raises(ConvertError, match=r"pool \(train_not_selected\) cannot supply what --unlabeled-factor 5"):
+        run(*c100, "--unlabeled-factor", 5, "--out", tmp_path / "c100_asked")   # asked for: still an error
+    root, splits, _ = make_imagenet(tmp_path / "imnet")  # the rest of ImageNet (train/) is not a default pool
+    ds = run("--source", "imagenet_lt", "--root", root, "--num-classes", 4, "--split-file", splits["train"],
+             "--max-side", 32, "--formats", "dali", "--out", tmp_path / "imnet_out")
+    assert not ds.has_split("unlabeled") and ds.manifest["longtail"]["unlabeled_factor"] == 0
+    make_cifar10(tmp_path / "c10")
+    make_tinyimages(tmp_path / "ti.pkl", [150] * 10)
+    c10 = ["--source", "cifar10", "--root", tmp_path / "c10", "--max-per-class", 30, "--rho", 10, "--formats", "dali"]
+    assert not run(*c10, "--out", tmp_path / "c10_out").has_split("unlabeled")
+    ds = run(*c10, "--unlabeled-file", tmp_path / "ti.pkl", "--out", tmp_path / "c10_ti")
+    assert ds.manifest["unlabeled_pool"]["name"] == "tinyimages" and ds.manifest["longtail"]["unlabeled_factor"] == 5
+    assert ds.split("unlabeled").num_samples == sum(unlabeled_counts(10, 5 * ds.split("train").num_samples, 10))
+    make_folder(tmp_path / "f")
+    assert not run("--source", "folder", "--root", tmp_path / "f", "--profile", "none", "--formats", "dali",
+                   "--out", tmp_path / "f_out").has_split("unlabeled")
+    with pytest.raises(ConvertError, match=r"--allow-smaller-pool with --unlabeled-factor 0 \(the default for "
+                                           r"cifar100\): there is no pool"):
+        run(*c100, "--allow-smaller-pool", "--out", tmp_path / "c100_flag")
+
+
+# The paper's transforms.Normalize constants (train.py / train_semi.py: CIFAR, else 0.5; imagenet_inat/data/
+# dataloader.py: ImageNet and iNaturalist 2018), on the 0-255 scale of the manifest.
+PAPER_CONSTANTS = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
+                   "cifar100": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
+                   "svhn": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+                   "imagenet_lt": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+                   "inat2018": ([0.466, 0.471, 0.380], [0.195, 0.194, 0.192])}
+
+
+def convert_tiny(source: str, root: Path, out: Path) -> DatasetDir:
+    if source == "imagenet_lt":
+        _, splits, _ = make_imagenet(root)
+        return run("--source", source, "--root", root, "--num-classes", 4, "--split-file", splits["train"],
+                   "--max-side", 32, "--formats", "dali", "--out", out)
+    if source == "inat2018":
+        _, train, _ = make_inat(root)
+        return run("--source", source, "--root", root, "--num-classes", 4, "--split-file", train,
+                   "--formats", "dali", "--out", out)
+    {"cifar10": make_cifar10, "cifar100": make_cifar100, "svhn": make_svhn, "fmnist": make_fmnist,
+     "folder": make_folder}[source](root)
+    return run("--source", source, "--root", root, "--max-per-class", 4, "--rho", 2, "--unlabeled-factor", 0,
+               "--formats", "dali", "--out", out)
+
+
+@pytest.mark.parametrize("source", ["cifar10", "cifar100", "svhn", "imagenet_lt", "inat2018", "fmnist", "folder"])
+def test_normalisation_is_the_papers_constants_where_it_has_them_else_the_train_splits(source, tmp_path):
+    ds = convert_tiny(source, tmp_path / "src", tmp_path / "out")
+    if source in PAPER_CONSTANTS:
+        mean, std = PAPER_CONSTANTS[source]
+        assert ds.normalization == ds.manifest["image"]["normalization"] == "paper"
+        np.testing.assert_allclose(ds.mean, np.array(mean) * 255, atol=1e-4)
+        np.testing.assert_allclose(ds.std, np.array(std) * 255, atol=1e-4)
+        return
+    x = np.concatenate([np.asarray(img, np.float64).reshape(-1, ds.channels)
+                        for img in read_dali(ds.split("train").dali_dir, jpeg=not ds.is_raw)[0]])
+    assert ds.normalization == "train_split"
+    np.testing.assert_allclose(ds.mean, x.mean(0), atol=1e-3 if ds.is_raw else 1.0)
+    np.testing.assert_allclose(ds.std, x.std(0), atol=1e-3 if ds.is_raw else 1.0)
+
+
+@pytest.mark.parametrize("kind", ["ffcv", "torch"])
+def test_loaders_normalise_svhn_with_the_papers_half_and_half(tmp_path, kind):
+    make_svhn(tmp_path / "src")
+    ds = run("--source", "svhn", "--root", tmp_path / "src", "--max-per-class", 30, "--rho", 10,
+             "--unlabeled-factor", 0, "--out", tmp_path / "out")
+    from fasttrain.data import augment, build_loader
+    batches = list(build_loader(ds, "test", kind=kind, batch_size=16, views=[augment.small_eval()], train=False,
+                                workers=1))
+    pixels = np.stack(read_dali(ds.split("test").dali_dir)[0]).reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2)
+    got = np.concatenate([b.images.numpy() for b in batches])
+    np.testing.assert_allclose(got, (pixels / 255 - 0.5) / 0.5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input

@@ -309,7 +309,7 @@ TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "16", "--warmup
     (["--loader", "nope"], "valid: ffcv, dali, torch, device"), (["--loss", "nope"], "valid: ce, focal"),
     (["--sampler", "nope"], "valid: uniform, resample, balanced, sqrt"), (["--schedule", "nope"], "valid: step, cosine"),
     (["--precision", "fp8"], "valid: no, bf16, fp16"), (["--reweight", "nope"], "valid: none, cb, drw"),
-    (["--head", "nope"], "valid: linear, cosine"), (["--optimizer", "adam"], "valid: sgd, apex_lamb"),
+    (["--head", "nope"], "valid: auto, linear, cosine"), (["--optimizer", "adam"], "valid: sgd, apex_lamb"),
 ])
 def test_bad_flags_are_one_line(tiny_raw, tmp_path, capsys, flags, message):
     out = tmp_path / "run"

@@ -30,7 +30,9 @@ METHODS = [
     ("cb_focal", dict(loss="focal", reweight="cb")),
     ("balanced_sampler", dict(sampler="balanced")),
     ("logit_adjust_bf16", dict(loss="logit_adjust", precision="bf16")),
-    ("ce_fp16_gradscaler", dict(precision="fp16")),  # with the GPU's GradScaler + fused SGD: see emulate_gpu_fp16
+    # with the GPU's GradScaler + fused SGD (see emulate_gpu_fp16); the emulated steps' values are not a training
+    # run's (its loss turns NaN after a few steps), so the run goes on past a non-finite loss: only syncs count here
+    ("ce_fp16_gradscaler", dict(precision="fp16", nonfinite_loss="continue")),
     ("ce_grad_accum", dict(grad_accum=2, batch_size=22)),   # 4 micro-batches: 2 optimiser steps
     ("rotation", dict(method="rotation")),
     ("moco_v2", dict(method="moco", moco_queue=48, moco_shuffle_groups=2)),

@@ -30,8 +30,8 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 @dataclass(frozen=True)
 class ViewSpec:
     """One augmented view. `crop`: none | pad (zero-pad `pad` then random crop back to H x W) |
-    rrc (RandomResizedCrop to `size`) | center (center crop `center_ratio` of the shorter side, resized
-    to `size`: the same as resizing the shorter side to size / center_ratio then cropping `size`)."""
+    rrc (RandomResizedCrop to `size`) | center (torchvision's Resize(round(size / center_ratio)) +
+    CenterCrop(size), e.g. the paper's Resize(256) + CenterCrop(224); see `crop_boxes`)."""
     crop: str = "none"
     size: int | None = None
     pad: int = 0
@@ -142,10 +142,11 @@ def _new_float(nhwc_shape, device, channels_last: bool) -> torch.Tensor:
 
 def crop_boxes(spec: ViewSpec, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The crop boxes of a resizing view (N x 4 float64: top, left, height, width) for images of
-    `sizes` (N x 2: height, width); random ones are drawn from `generator`."""
+    `sizes` (N x 2: height, width); random ones are drawn from `generator`. Center boxes are fractional:
+    resized to size x size they give torchvision's Resize + CenterCrop of the whole image."""
     if spec.crop == "rrc":
         return _rrc_boxes(sizes, spec.scale, spec.ratio, _Draws(generator, len(sizes)))
-    return _center_boxes(sizes, spec.center_ratio)
+    return _center_boxes(sizes, spec.center_ratio, spec.size)
 
 
 def flips(view: ViewSpec, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -206,11 +207,16 @@ def _rrc_boxes(sizes: torch.Tensor, scale, ratio, draw: _Draws, attempts: int = 
     return torch.cat([top, left, h, w], 1)
 
 
-def _center_boxes(sizes: torch.Tensor, ratio: float) -> torch.Tensor:
-    """FFCV's center crop: a square of `ratio` times the shorter side, centred."""
-    side = (sizes.min(1).values.double() * ratio).floor()
-    top, left = ((sizes[:, 0] - side) / 2).floor(), ((sizes[:, 1] - side) / 2).floor()
-    return torch.stack([top, left, side, side], 1)
+def _center_boxes(sizes: torch.Tensor, ratio: float, size: int) -> torch.Tensor:
+    """torchvision's Resize(S) + CenterCrop(size), S = round(size / ratio), as a box of the image: the shorter
+    side scaled to S and the longer to int(S * longer / shorter), the centre window's corner at
+    round((side - size) / 2) (half to even, as Python's round), mapped back to the image's pixels."""
+    h, w = sizes[:, 0].double(), sizes[:, 1].double()
+    short = float(round(size / ratio))
+    new_h = torch.where(h <= w, torch.full_like(h, short), torch.floor(short * h / w))
+    new_w = torch.where(h <= w, torch.floor(short * w / h), torch.full_like(w, short))
+    top, left = torch.round((new_h - size) / 2) * h / new_h, torch.round((new_w - size) / 2) * w / new_w
+    return torch.stack([top, left, size * h / new_h, size * w / new_w], 1)
 
 
 def _resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int,

@@ -9,7 +9,8 @@ Python from a generator seeded by (seed, epoch, rank, batch) - the very boxes an
 draws - and fed with the bytes, so batches are a pure function of (seed, epoch, rank) and need no rebuild.
 
 Jpeg sets decode with `fn.decoders.image_slice` (the RandomResizedCrop box) + resize, or `fn.decoders.image`
-+ shorter-side resize + center crop for evaluation, then the flip; on a CUDA device the decoding is `mixed`
++ a resize of the evaluation's center box (a region of interest: torchvision's Resize + CenterCrop, as the
+torch loader), then the flip; on a CUDA device the decoding is `mixed`
 (nvJPEG, hardware decoder where present) and everything after it runs on the GPU. Raw sets: the pixels are
 fed as they are. Image sizes, needed for the crop boxes, are read from the JPEG headers the first time a
 sample is seen and kept.
@@ -89,7 +90,7 @@ class DaliLoader(LoaderBase):
     def _pipeline(self) -> Pipeline:
         if self.pipe is not None:
             return self.pipe
-        per_view = sum((2 if v.crop == "rrc" else 0) + int(v.flip) for v in self.views) if not self.is_raw else 0
+        param_types = [] if self.is_raw else [t for v in self.views for t in _param_types(v)]
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.workers, prefetch_queue_depth=PREFETCH,
                         device_id=self._device_id(), seed=derive_seed(self.seed, self.rank) % 2 ** 31)
         loader = weakref.ref(self)     # no reference cycle: the pipeline goes as soon as the loader does
@@ -101,8 +102,8 @@ class DaliLoader(LoaderBase):
             return next(alive._feed)   # StopIteration ends the epoch for DALI
 
         with pipe:
-            inputs = fn.external_source(source=next_inputs, num_outputs=1 + per_view, batch=True,
-                                        dtype=[types.UINT8] + [types.INT32] * per_view)
+            inputs = fn.external_source(source=next_inputs, num_outputs=1 + len(param_types), batch=True,
+                                        dtype=[types.UINT8] + param_types)
             encoded, params = inputs[0], list(inputs[1:])
             if self.is_raw:
                 pipe.set_outputs(encoded.gpu() if self.gpu else encoded)
@@ -129,9 +130,9 @@ class DaliLoader(LoaderBase):
                                             **decode)
             image = fn.resize(image, resize_x=view.size, resize_y=view.size)
         else:
+            start, end = params.pop(0), params.pop(0)
             image = fn.decoders.image(encoded, output_type=types.RGB, **decode)
-            image = fn.resize(image, resize_shorter=view.size / view.center_ratio)
-            image = fn.crop(image, crop=(view.size, view.size))
+            image = fn.resize(image, size=[view.size, view.size], roi_start=start, roi_end=end, roi_relative=False)
         if view.flip:
             image = fn.flip(image, horizontal=params.pop(0))
         return image
@@ -145,9 +146,16 @@ class DaliLoader(LoaderBase):
         return out
 
 
+def _param_types(view: ViewSpec) -> list:
+    """The external source's inputs of a jpeg view (EpochFeed): crop box, region of interest, flip."""
+    box = {"rrc": [types.INT32] * 2, "center": [types.FLOAT] * 2}.get(view.crop, [])
+    return box + [types.INT32] * int(view.flip)
+
+
 class EpochFeed:
-    """The external source's inputs for one epoch, batch by batch: the encoded samples and, per random view,
-    the crop box (anchor x, y; shape w, h) and the flip of each image. Holds no reference to the loader."""
+    """The external source's inputs for one epoch, batch by batch: the encoded samples and, per view, the
+    crop box (rrc: anchor x, y and shape w, h; center: the region of interest's corners y, x) and the flip of
+    each image. Holds no reference to the loader."""
 
     def __init__(self, loader: DaliLoader, batches: list[np.ndarray]):
         self.reader, self.sizes, self.views, self.is_raw = loader.reader, loader.sizes, loader.views, loader.is_raw
@@ -172,6 +180,10 @@ class EpochFeed:
             if view.crop == "rrc":
                 top, left, h, w = crop_boxes(view, sizes, generator).long().T
                 params += [torch.stack([left, top], 1).int().numpy(), torch.stack([w, h], 1).int().numpy()]
+            elif view.crop == "center":
+                top, left, h, w = crop_boxes(view, sizes, generator).T
+                params += [torch.stack([top, left], 1).float().numpy(),
+                           torch.stack([top + h, left + w], 1).float().numpy()]
             if view.flip:
                 params.append(flips(view, len(positions), generator).int().numpy())
         return (samples, *params)

@@ -2,9 +2,9 @@
 is an index_select by our order plus stage 2, with no per-sample Python (the airbench recipe).
 
 Raw sets: N x H x W x C exact pixels. Jpeg sets: every image decoded once into the top-left corner of an
-N x max_side x max_side x 3 canvas with its (height, width) kept, and the view's crop (RandomResizedCrop or
-center) and flip done in stage 2 on the device: bilinear `grid_sample`, without antialiasing, so eval
-images differ slightly from the other loaders'. Memory: N * H * W * C bytes (raw) or N * max_side^2 * 3
+N x S x S x 3 canvas (S: the dataset's largest stored side) with its (height, width) kept, and the view's
+crop (RandomResizedCrop or center) and flip done in stage 2 on the device: bilinear `grid_sample`, without
+antialiasing, so eval images differ slightly from the other loaders'. Memory: N * H * W * C bytes (raw) or N * S^2 * 3
 bytes (jpeg) on the device, on EVERY rank (each holds the whole split): the loader estimates it first and
 refuses, naming the estimate and the alternatives, when it exceeds `MAX_SHARE` of the free memory (CUDA:
 `torch.cuda.mem_get_info`; CPU: available RAM), so that the model and its activations still fit.
@@ -42,7 +42,7 @@ class DeviceLoader(LoaderBase):
         if self.is_raw:
             images, self.sizes = reader.raw_images(self.image_shape), None
         else:
-            images, sizes = _decode_all(reader, self.dataset.image["max_side"], self.workers)
+            images, sizes = _decode_all(reader, self.dataset.largest_side, self.workers)
             self.sizes = sizes.to(self.device)
         self.images = torch.from_numpy(images).to(self.device)
 
@@ -51,7 +51,7 @@ class DeviceLoader(LoaderBase):
         n = self.split.num_samples
         if self.is_raw:
             return n * int(np.prod(self.image_shape))
-        side = int(self.dataset.image["max_side"])
+        side = self.dataset.largest_side
         return n * (side * side * 3 + 16)
 
     def check_memory(self) -> None:

@@ -47,7 +47,7 @@ class ShardBatches(Dataset):
 
 def _crop_resize_flip(images: list[Image.Image], sizes: torch.Tensor, view: ViewSpec,
                       generator: torch.Generator) -> torch.Tensor:
-    boxes = crop_boxes(view, sizes, generator).long().tolist()
+    boxes = crop_boxes(view, sizes, generator).tolist()          # fractional for the center view
     mirror = flips(view, len(images), generator).tolist()
     out = np.empty((len(images), view.size, view.size, 3), np.uint8)
     for i, (image, (top, left, h, w), flip) in enumerate(zip(images, boxes, mirror)):
