@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fasttrain-installed
 
-.PHONY: demo test setup bench
+.PHONY: demo test setup bench rehearsal
 demo: $(STAMP)
 	$(PY) recipes/fmnist_lt.py --out runs/fmnist_lt
 
@@ -19,3 +19,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/convert_throughput.py
 	$(PY) benchmarks/loader_throughput.py --out benchmarks/results/loader_throughput.json
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/eval_scaling.py
+
+# ImageNet-LT / iNaturalist 2018 at their real class counts on the CPU (about 15 minutes on 2 cores)
+rehearsal: $(STAMP)
+	$(PY) benchmarks/scale_rehearsal.py
