@@ -3,6 +3,7 @@ joint) on one process and on two, pause / resume of a chain, and the single-stag
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,14 @@ def test_single_stage_recipes_train_their_preset_with_the_flags_on_top(tiny_raw,
     assert (crt["method"], crt["sampler"], crt["samples_per_class"], crt["schedule"], crt["lr_ref_batch"]) == \
         ("crt", "class_aware", 4, "cosine", 512)
     assert (crt["batch_size"], crt["loader"]) == (16, "torch")
-    for recipe in sorted((ROOT / "recipes").glob("*.py")):
-        if recipe.name != "presets.py":
-            assert python(recipe, "--help").returncode == 0, recipe.name
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.py") if p.name != "presets.py"))
+def test_every_recipe_prints_its_help(recipe, monkeypatch, capsys):
+    """Run as a user runs it (`python recipes/X.py --help`), in this process: the help and nothing else."""
+    monkeypatch.setattr(sys, "argv", [recipe, "--help"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "recipes" / recipe), run_name="__main__")
+    assert done.value.code == 0
+    assert "--data DIR" in capsys.readouterr().out
