@@ -305,5 +305,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The `fasttrain-evaluate` command and `python -m fasttrain.evaluate`: main, ended by fasttrain/entry.py
+    (under `accelerate launch` each rank ends with os._exit and main's code)."""
+    from .entry import run_main
+    run_main(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import CRT_INAT  # noqa: E402
 
 from fasttrain.chain import run_single  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 
 if __name__ == "__main__":
-    run_single(CRT_INAT, __doc__)
+    run_main(run_single, CRT_INAT, __doc__)

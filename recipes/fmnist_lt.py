@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import CIFAR  # noqa: E402
 
 from fasttrain.chain import Stage, process_state, run_chain  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 from fasttrain.evaluate import plot_per_class  # noqa: E402
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -237,4 +238,4 @@ def _value(argv, flag):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

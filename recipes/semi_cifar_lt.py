@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import CIFAR, SEMI  # noqa: E402
 
 from fasttrain.chain import Stage, run_chain  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 
 STAGES = [
     Stage("base", CIFAR, method_flags=False),
@@ -33,4 +34,4 @@ STAGES = [
 ]
 
 if __name__ == "__main__":
-    run_chain(STAGES, __doc__)
+    run_main(run_chain, STAGES, __doc__)

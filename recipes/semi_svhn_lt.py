@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from semi_cifar_lt import STAGES  # noqa: E402
 
 from fasttrain.chain import run_chain  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 
 if __name__ == "__main__":
-    run_chain(STAGES, __doc__)
+    run_main(run_chain, STAGES, __doc__)

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import CIFAR, DRW, LDAM_DRW, RESAMPLE, ROTATION  # noqa: E402
 
 from fasttrain.chain import Stage, run_chain  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 
 SSP = "{root}/rotation/backbone.pt"
 STAGES = [
@@ -24,4 +25,4 @@ STAGES = [
 ]
 
 if __name__ == "__main__":
-    run_chain(STAGES, __doc__)
+    run_main(run_chain, STAGES, __doc__)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import CLASS_AWARE, CRT_IMAGENET_LT, IMAGENET_LT, MOCO  # noqa: E402
 
 from fasttrain.chain import Stage, run_chain  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 
 SSP = "{root}/moco/backbone.pt"
 
@@ -39,4 +40,4 @@ def stages(feature: dict, crt: dict) -> list[Stage]:
 STAGES = stages(IMAGENET_LT, CRT_IMAGENET_LT)
 
 if __name__ == "__main__":
-    run_chain(STAGES, __doc__)
+    run_main(run_chain, STAGES, __doc__)

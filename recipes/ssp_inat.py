@@ -21,8 +21,9 @@ from presets import CRT_INAT, INAT  # noqa: E402
 from ssp_imagenet_lt import stages  # noqa: E402
 
 from fasttrain.chain import run_chain  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 
 STAGES = stages(INAT, CRT_INAT)
 
 if __name__ == "__main__":
-    run_chain(STAGES, __doc__)
+    run_main(run_chain, STAGES, __doc__)

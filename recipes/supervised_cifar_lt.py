@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import CIFAR  # noqa: E402
 
 from fasttrain.chain import run_single  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 
 if __name__ == "__main__":
-    run_single(CIFAR, __doc__)
+    run_main(run_single, CIFAR, __doc__)

@@ -1,7 +1,7 @@
 """The multi-GPU path, exercised with two CPU processes (gloo): disjoint shards, identical parameters and
 BatchNorm statistics, and evaluation that counts every test image once with the model that is saved: a model
 that has learned (well above chance, classes told apart) gets the same metrics from the two-process run as
-from evaluating its model.pt in one process."""
+from evaluating its model.pt in one process, and every logit the ranks evaluated with is that model's."""
 from __future__ import annotations
 
 import json
@@ -45,3 +45,14 @@ def test_two_processes_train_in_sync_and_evaluate_every_image_once(tiny_raw, tmp
     assert two["top1"] >= 60 and len(set(two["per_class"])) > 1, two    # chance is 25%
     for key in ("top1", "top5", "many", "medium", "few", "per_class"):
         assert two[key] == one[key], key
+    # finer than predictions: every logit the ranks evaluated with is the saved model's (BatchNorm statistics
+    # averaged over the ranks BEFORE the evaluation; each rank's own statistics move logits by ~1e-2)
+    logits = {int(i): row for r in (0, 1) for i, row in json.loads((tmp_path / f"logits{r}.json").read_text()).items()}
+    model.eval()
+    loader1.set_epoch(0)
+    assert sorted(logits) == sorted(torch.cat([b.indices for b in loader1]).tolist())   # the 64 test images
+    with torch.no_grad():
+        for batch in loader1:
+            saved = model(batch.images).float()
+            for i, row in zip(batch.indices.tolist(), saved):
+                assert torch.allclose(torch.tensor(logits[i]), row, atol=1e-4), (i, logits[i], row.tolist())

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from fasttrain.entry import end_process
 from fasttrain.methods.moco import MoCoModel
 from fasttrain.models import build_model
 
@@ -41,3 +42,4 @@ result.update(queue=moco.queue.clone(), queue_ptr=moco.queue_ptr.clone(),
 torch.save(result, out / f"rank{acc.process_index}.pt")
 acc.wait_for_everyone()
 acc.end_training()
+end_process(0)   # fasttrain/entry.py: a rank of a finished run ends without finalisation

@@ -17,6 +17,7 @@ from presets import CIFAR  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from fasttrain.chain import process_state, run_single  # noqa: E402
+from fasttrain.entry import run_main  # noqa: E402
 from fasttrain.methods.supervised import Supervised  # noqa: E402
 
 epoch_at, batch_at, rank, name, second = sys.argv[1:6]
@@ -42,4 +43,4 @@ def save_state(self, output_dir, **kwargs):
 
 
 Supervised.loss, Accelerator.save_state = loss, save_state
-run_single(CIFAR, "signalled", argv=sys.argv[sys.argv.index("--") + 1:])
+run_main(run_single, CIFAR, "signalled", argv=sys.argv[sys.argv.index("--") + 1:])

@@ -12,6 +12,7 @@ import torch
 
 from fasttrain.config import Config
 from fasttrain.engine import Engine
+from fasttrain.entry import end_process
 from fasttrain.evaluate import evaluate_checkpoint
 
 EPOCHS, STOP_AFTER = 8, 3
@@ -51,3 +52,4 @@ if status == "done":
     "steps": [(e, s, loss.item()) for e, s, loss in steps]}))
 acc.wait_for_everyone()
 acc.end_training()
+end_process(0)   # fasttrain/entry.py: a rank of a finished run ends without finalisation
