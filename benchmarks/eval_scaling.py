@@ -34,6 +34,7 @@ import torch
 
 from common import machine_info, save_bar_plot, synchronize  # noqa: E402  (benchmarks/common.py)
 
+from data_prep.longtail import exp_profile
 from fasttrain.confusion import Confusion
 from fasttrain.data.batch import Batch
 from fasttrain.evaluate import evaluate, write_report
@@ -127,11 +128,6 @@ def multiply_adds(model, image_size: int) -> dict:
     return counts
 
 
-def long_tail(num_classes: int, largest: int, smallest: int) -> np.ndarray:
-    i = np.arange(num_classes)
-    return np.round(largest * (smallest / largest) ** (i / max(1, num_classes - 1))).astype(int)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/eval_scaling.json")
@@ -162,7 +158,7 @@ def main():
                          torch.arange(i, min(i + args.batch_size, args.images), device=device))
                    for i in range(0, args.images, args.batch_size)]
         shapes[name] = {"classes": classes, "model": model, "loader": Batches(batches),
-                        "counts": long_tail(classes, largest, smallest), "macs": multiply_adds(model, args.image_size)}
+                        "counts": np.round(exp_profile(classes, largest, largest / smallest)).astype(int), "macs": multiply_adds(model, args.image_size)}
     with tempfile.TemporaryDirectory() as tmp:                 # warm-up: allocator, kernels, matplotlib's fonts
         for name, s in shapes.items():
             time_evaluation(s["model"], Batches(s["loader"].batches[:1]), s["classes"], s["counts"], Path(tmp) / name)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_prep.longtail import exp_profile
+
 SPLITS = Path(__file__).resolve().parents[1] / "data_prep" / "splits"
 
 
@@ -53,10 +55,9 @@ def read_list(name: str) -> list[tuple[str, int]]:
 def train_counts(shape: Shape, scale: float, seed: int = 0) -> np.ndarray:
     """Per label: the exp long-tail profile from n_max to n_min over the real class count, divided by `scale`
     (>= 1 image each), assigned to the labels in a seeded random order (real class sizes are not sorted)."""
-    c = shape.num_classes
-    profile = shape.n_max * (shape.n_min / shape.n_max) ** (np.arange(c) / (c - 1))
+    profile = exp_profile(shape.num_classes, shape.n_max, shape.n_max / shape.n_min)
     counts = np.maximum(1, np.round(profile / scale)).astype(np.int64)
-    return counts[np.random.default_rng(seed).permutation(c)]
+    return counts[np.random.default_rng(seed).permutation(shape.num_classes)]
 
 
 def _jpeg(rng: np.random.Generator, label: int, size: tuple[int, int]) -> bytes:

@@ -22,8 +22,13 @@ def class_counts(num_classes: int, n_max: int, profile: str, rho: float) -> list
         return [int(n_max)] * num_classes
     if profile == "step":
         return [int(n_max) if i < num_classes // 2 else int(n_max / rho) for i in range(num_classes)]
-    span = max(num_classes - 1, 1)
-    return [int(n_max * (1 / rho) ** (i / span)) for i in range(num_classes)]
+    return [int(n) for n in exp_profile(num_classes, n_max, rho)]
+
+
+def exp_profile(num_classes: int, n_max: float, rho: float) -> np.ndarray:
+    """The exp profile before rounding, n_max * (1/rho)^(i/(C-1)) per class i (float64)."""
+    i = np.arange(num_classes)
+    return n_max * (1 / rho) ** (i / max(num_classes - 1, 1))
 
 
 def unlabeled_counts(num_classes: int, total: int, rho_u: float) -> list[int]:
