@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import Config, ConfigError
+from .files import atomic_file
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -122,7 +123,8 @@ class Checkpoints:
         if error is None and self.is_main:
             try:
                 fsync_tree(tmp)
-                write_atomic(tmp / STATE_FILE, json.dumps(state | {"format": CHECKPOINT_FORMAT}))
+                with atomic_file(tmp / STATE_FILE, fsync=True) as f:
+                    f.write(json.dumps(state | {"format": CHECKPOINT_FORMAT}))
                 promote_checkpoint(tmp, final)
             except Exception as e:
                 error = one_line(e)
@@ -348,16 +350,8 @@ def trim_metrics(path: Path, epoch: int, step: int) -> None:
         if record.get("epoch", -1) < epoch and ("epoch" in record or record.get("step", 0) <= step):
             keep.append(line)
     if keep != lines:
-        write_atomic(path, "".join(f"{line}\n" for line in keep))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        with atomic_file(path, fsync=True) as f:
+            f.write("".join(f"{line}\n" for line in keep))
 
 
 def fsync_tree(root: Path) -> None:

@@ -8,13 +8,13 @@ import argparse
 import dataclasses
 import difflib
 import math
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .files import atomic_file
 from .methods import METHODS, check_method
 
 
@@ -157,10 +157,8 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Temp name + rename: a kill never leaves a half-written config.yaml."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            f.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":

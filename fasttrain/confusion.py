@@ -15,11 +15,12 @@ shape)) is the whole matrix. K <= the number of eval images.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_file
 
 LAYOUT = ("confusion[rows[i], cols[i]] = counts[i] (rows: true class, cols: predicted class), every other entry "
           "0; shape (C, C); entries unique, sorted by (row, col)")
@@ -56,12 +57,9 @@ class Confusion:
 
     def save(self, path: str | Path) -> None:
         """Write `path` (a .npz in the layout of the module docstring), under a temporary name then renamed."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(path, "wb") as f:
             np.savez(f, rows=self.rows, cols=self.cols, counts=self.counts,
                      shape=np.array([self.num_classes, self.num_classes], dtype=np.int64), layout=np.array(LAYOUT))
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Confusion":

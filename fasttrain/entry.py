@@ -43,7 +43,7 @@ def distributed() -> bool:
 def run_main(main: Callable, *args, **kwargs) -> NoReturn:
     """Run a command's main function and end the process with its exit code (rules 1-3)."""
     if not distributed():
-        end_process(_return_code(main(*args, **kwargs)))
+        raise SystemExit(_return_code(main(*args, **kwargs)))
     try:
         code = _return_code(main(*args, **kwargs))
     except SystemExit as e:

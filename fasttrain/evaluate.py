@@ -15,13 +15,13 @@ with C squared):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .confusion import Confusion
+from .files import atomic_file
 
 METRICS_LAYOUT = (
     "Top level: the final evaluation of `split` (top-1/top-5 and many/medium/few in %, group_sizes, thresholds, "
@@ -99,21 +99,16 @@ def write_report(run_dir: Path, metrics: dict, confusion: Confusion, train_count
             report["best"]["per_class"] = best["per_class"]
         report.update(best_top1=best["top1"], best_epoch=best["epoch"])
     report |= {k: metrics[k] for k in VECTORS}     # last: the long vectors after everything a reader looks at
-    _write_atomic(run_dir / "metrics.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
+    with atomic_file(run_dir / "metrics.json") as f:
+        f.write(json.dumps(report, indent=2))
     confusion.save(run_dir / "confusion.npz")
     split = metrics.get("split")
-    _write_atomic(run_dir / "per_class.png", lambda f: plot_per_class(
-        {"": metrics["per_class"]}, train_counts, f, class_names=class_names, split=split,
-        title=f"{split or 'eval'} accuracy per class, {_label(metrics, None, epochs)}",
-        many=metrics.get("thresholds", {}).get("many", 100), few=metrics.get("thresholds", {}).get("few", 20)))
+    with atomic_file(run_dir / "per_class.png", "wb") as f:
+        plot_per_class({"": metrics["per_class"]}, train_counts, f, class_names=class_names, split=split,
+                       title=f"{split or 'eval'} accuracy per class, {_label(metrics, None, epochs)}",
+                       many=metrics.get("thresholds", {}).get("many", 100),
+                       few=metrics.get("thresholds", {}).get("few", 20))
     return report
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _label(block: dict, best: dict | None, epochs: int | None) -> str:

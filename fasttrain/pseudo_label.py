@@ -34,6 +34,7 @@ import torch
 from .config import Config
 from .data import build_loader
 from .dataset import DatasetDir, DatasetError
+from .files import atomic_file
 from .models import build_model
 
 PSEUDO_FILE = "pseudo_labels.npz"
@@ -94,12 +95,10 @@ def pseudo_label(base_run: Path, data: Path, out: Path, *, loader: str = "ffcv",
     path = out / PSEUDO_FILE
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{PSEUDO_FILE}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_file(path, "wb") as f:
             np.savez(f, position=np.arange(split.num_samples), source_index=source_index, label=label,
                      confidence=confidence.astype(np.float32), threshold=np.float32(threshold),
                      base_run=str(base_run.resolve()), data=str(dataset.root.resolve()))
-        os.replace(tmp, path)
     if accelerator:
         accelerator.wait_for_everyone()
     return path

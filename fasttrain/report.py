@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
+from .files import atomic_file
 METRICS = ("top1", "many", "medium", "few", "epoch")
 BLOCKS = ("final", "best")
 # config keys that do not change what a run computes: runs differing only in these (and the seed) are repeats
@@ -113,9 +113,8 @@ def write_results(summary: dict, path: str | Path) -> None:
     """The summary as JSON, written under a temporary name and renamed (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------
